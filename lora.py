@@ -1,0 +1,440 @@
+"""LoRA, rsLoRA and DoRA adapters for plain and 4-bit linear layers, in one file.
+
+A frozen linear layer computes ``y = W x + b`` with W of shape (out, in). An adapter adds a trainable
+low-rank update next to it, without touching W:
+
+    LoRA   (Hu et al. 2021, "LoRA", eq. 3):           y = W x + b + s * B A x
+    rsLoRA (Kalajdzievski 2023, "rank-stabilized"):   the same, with s = alpha / sqrt(r) instead of alpha / r
+    DoRA   (Liu et al. 2024, "DoRA", eq. 5):           y = m / ||W + s B A||_row * (W + s B A) x + b
+
+A is (r, in), B is (out, r), s is the scaling and m (out,) is DoRA's learned magnitude per output row.
+B starts at zero, so a fresh adapter leaves the model exactly as it was.
+
+Usage, loralib style: the API works off module and parameter names.
+
+    paths = inject(model, ["q_proj", "v_proj"], r=8, alpha=16)  # wrap layers, adapter "default"
+    mark_trainable(model, ["default"])                           # freeze everything else
+    ...train...
+    save_adapter(model, "out/adapter")                           # PEFT's file format
+    merged = merge(model)                                        # plain nn.Linear layers again
+
+Files are PEFT's (adapter_config.json + adapter_model.safetensors), so adapters made here open in PEFT,
+vLLM and friends, and PEFT's LoRA/DoRA adapters open here. This file needs torch and safetensors;
+bitsandbytes is imported only to dequantize a 4-bit weight.
+"""
+
+import json
+import math
+import os
+import re
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM: base_model.model.<module path>.lora_A.weight
+EPS = 1e-6  # guards DoRA's division by a row norm that is zero
+
+
+def dense_weight(base: nn.Linear) -> torch.Tensor:
+    """The (out, in) weight of a plain or bitsandbytes 4-bit linear layer, dequantized if needed."""
+    weight = base.weight
+    if hasattr(weight, "quant_state"):  # bitsandbytes Params4bit: packed uint8 plus the quantization state
+        import bitsandbytes.functional as bnbF
+
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            raise ValueError("this 4-bit weight is in bitsandbytes' CPU inference layout; wrap the layer in "
+                             "LoRALinear (or call keep_standard_layout) before dequantizing it")
+        return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+    return weight
+
+
+def keep_standard_layout(base: nn.Linear) -> None:
+    """Keep a bitsandbytes 4-bit weight in its standard layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes (>= 0.48) repacks a Linear4bit's weight in place on its first
+    eval-mode, no-grad forward, into a layout that only its inference kernel reads: the outputs shift
+    (bf16 scales) and a later training forward fails. Training, eval and dequantizing must all see the
+    same weight, so this turns the repacking off, undoing it (as bitsandbytes does before saving) if it
+    already happened. A no-op for other layers.
+    """
+    if hasattr(base, "support_avx512bf16_for_cpu"):
+        base.support_avx512bf16_for_cpu = False
+    weight = getattr(base, "weight", None)
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (``nn.Linear`` or ``bnb.nn.Linear4bit``) plus any number of named adapters.
+
+    Forward:  y = base(x) + sum over active adapters k of term_k(x), where, with xd = dropout(x),
+
+        LoRA:  term = s * B A xd
+        DoRA:  term = (g - 1) * (W x) + g * s * B A xd,    g = m / n,   n = ||W + s B A||_row (detached)
+
+    For a single DoRA adapter without dropout this is exactly eq. 5 of the paper, g * (W + s B A) x + b.
+    W x is base(x) minus the bias, so the bias is never scaled and the base matmul runs once, also with
+    dropout (dropout touches only the adapter branch, unlike PEFT, which runs W on dropout(x) again).
+    n is treated as a constant, as DoRA section 4.3 suggests: no gradient flows through it.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        keep_standard_layout(base)
+        self.base = base  # kept as is: same object, same weight, no copy
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.ParameterDict()  # name -> (r, in)
+        self.lora_B = nn.ParameterDict()  # name -> (out, r)
+        self.lora_magnitude = nn.ParameterDict()  # name -> (out,), DoRA adapters only
+        self.config = {}  # name -> dict(r, alpha, scale, dropout, use_dora, use_rslora)
+        self.active = []  # names of the adapters that contribute to forward
+        self._norm_cache = {}  # name -> (key, n); see dora_norm
+
+    @property
+    def weight(self):  # some model code reads layer.weight.dtype/device
+        return self.base.weight
+
+    def add_adapter(self, name, r=8, alpha=16, dropout=0.0, use_dora=False, use_rslora=False):
+        """Add a fresh adapter: A ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's own init), B = 0, m = ||W||_row."""
+        if name in self.config:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        device = self.base.weight.device
+        A = torch.empty(r, self.in_features, device=device)  # adapters live in fp32: AdamW needs the precision
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.config[name] = dict(r=r, alpha=alpha, scale=scale, dropout=dropout,
+                                 use_dora=use_dora, use_rslora=use_rslora)
+        if use_dora:
+            self.lora_magnitude[name] = nn.Parameter(self.weight_sq_norm().sqrt())
+        self.active.append(name)
+
+    @torch.no_grad()
+    def weight_sq_norm(self) -> torch.Tensor:
+        """|W_i|^2 per output row in fp32, computed once: W is frozen."""
+        if not hasattr(self, "_wsq"):
+            self.register_buffer("_wsq", dense_weight(self.base).float().pow(2).sum(1), persistent=False)
+        return self._wsq
+
+    @torch.no_grad()
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """n_i = ||W_i + s (B A)_i|| in fp32, factored so that no (out, in) product is ever formed:
+
+            n^2 = |W|^2 + 2s * rowdot(W A^T, B) + s^2 * rowdot(B (A A^T), B)
+
+        W A^T is (out, r) and A A^T is (r, r). n changes only when A or B do, so it is cached against
+        their version counters (bumped by every in-place update: optimizer steps, load_state_dict). It is
+        therefore computed once per optimizer step, not per micro-batch or gradient-checkpoint recompute.
+        """
+        A, B = self.lora_A[name], self.lora_B[name]
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr())
+        cached = self._norm_cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        s = self.config[name]["scale"]
+        A32, B32 = A.float(), B.float()
+        WAt = dense_weight(self.base).float() @ A32.t()  # (out, r)
+        BAAt = B32 @ (A32 @ A32.t())  # (out, r)
+        n2 = self.weight_sq_norm() + 2 * s * (WAt * B32).sum(1) + s * s * (BAAt * B32).sum(1)
+        n = n2.clamp_min(0).sqrt().clamp_min(EPS)  # rounding can make n2 a hair below zero on a zero row
+        self._norm_cache[name] = (key, n)
+        return n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if not self.active:
+            return out
+        result, Wx = out, None
+        for name in self.active:
+            cfg, A, B = self.config[name], self.lora_A[name], self.lora_B[name]
+            xd = F.dropout(x, cfg["dropout"], self.training).to(A.dtype)
+            lora = F.linear(F.linear(xd, A), B) * cfg["scale"]  # (..., r) then (..., out)
+            if not cfg["use_dora"]:
+                result = result + lora
+                continue
+            if Wx is None:
+                Wx = out if self.base.bias is None else out - self.base.bias
+            g = (self.lora_magnitude[name] / self.dora_norm(name)).to(lora.dtype)  # (out,)
+            # (g - 1) * Wx + g * lora, written so autograd keeps one (..., out) tensor instead of two
+            result = result + (g * (Wx + lora) - Wx)
+        return result.to(out.dtype)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, adapters={self.config}, active={self.active}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Wrapping layers and choosing adapters
+
+
+def _wrapped_layers(model):
+    """(path, LoRALinear) for every wrapped layer of the model."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _wrap(model, path: str) -> LoRALinear:
+    """Replace the linear layer at `path` by a LoRALinear around it (or return the one already there)."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    layer = getattr(parent, attr)
+    if not isinstance(layer, LoRALinear):
+        layer = LoRALinear(layer)
+        setattr(parent, attr, layer)
+    return layer
+
+
+def _linear_paths(model):
+    """Paths of the plain/4-bit linear layers that could take an adapter (not those inside a wrapper)."""
+    modules = dict(model.named_modules())
+    inner = {f"{p}.base" for p, m in modules.items() if isinstance(m, LoRALinear)}
+    # bitsandbytes' Linear4bit is a subclass of nn.Linear
+    return [p for p, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear)) and p not in inner]
+
+
+def inject(model, target_modules, name="default", r=8, alpha=16, dropout=0.0, use_dora=False,
+           use_rslora=False) -> list:
+    """Add adapter `name` to every linear layer whose attribute name is in `target_modules`.
+
+    Args:
+        model: any nn.Module; its linear layers are nn.Linear or bitsandbytes Linear4bit.
+        target_modules: attribute names such as ["q_proj", "v_proj"].
+        name: the adapter's name; a layer can hold several.
+        r, alpha, dropout: rank, scaling numerator, dropout on the adapter's input.
+        use_dora, use_rslora: DoRA's magnitude vector; s = alpha/sqrt(r) instead of alpha/r.
+
+    Returns:
+        The module paths that received the adapter. The adapter is active and its parameters trainable.
+
+    Raises:
+        ValueError: r < 1, dropout outside [0, 1), or no layer matched.
+    """
+    if r < 1 or not 0 <= dropout < 1:
+        raise ValueError(f"need r >= 1 and 0 <= dropout < 1, got r={r}, dropout={dropout}")
+    targets = set([target_modules] if isinstance(target_modules, str) else target_modules)
+    candidates = _linear_paths(model)
+    paths = [p for p in candidates if p.rpartition(".")[2] in targets]
+    if not paths:
+        names = sorted({p.rpartition(".")[2] for p in candidates})
+        raise ValueError(f"no linear layer matches target_modules={sorted(targets)}; "
+                         f"the model's linear layers are named: {', '.join(names[:12]) or 'none'}")
+    for path in paths:
+        layer = _wrap(model, path)
+        layer.add_adapter(name, r, alpha, dropout, use_dora, use_rslora)
+        for p in (layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude.get(name)):
+            if p is not None:
+                p.requires_grad_(True)
+    return paths
+
+
+def set_active(model, names) -> None:
+    """Make exactly `names` (a name or a list; [] for the bare base model) contribute to forward."""
+    names = [names] if isinstance(names, str) else list(names)
+    layers = [m for _, m in _wrapped_layers(model)]
+    for n in names:
+        if not any(n in m.config for m in layers):
+            raise ValueError(f"no adapter named {n!r} in the model")
+    for m in layers:
+        m.active = [n for n in names if n in m.config]
+
+
+def adapter_parameters(model, names):
+    """The A, B (and DoRA m) parameters of the named adapters."""
+    names = [names] if isinstance(names, str) else names
+    for _, m in _wrapped_layers(model):
+        for d in (m.lora_A, m.lora_B, m.lora_magnitude):
+            yield from (d[n] for n in names if n in d)
+
+
+def mark_trainable(model, names) -> None:
+    """requires_grad on the named adapters' parameters only; everything else, base included, is frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_parameters(model, names):
+        p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# State dicts in PEFT's key format: base_model.model.<path>.lora_A.weight / .lora_B.weight /
+# .lora_magnitude_vector (DoRA, no ".weight" suffix)
+
+
+def adapter_state_dict(model, name="default") -> dict:
+    """A copy of adapter `name`'s tensors, keyed as in PEFT's adapter_model.safetensors."""
+    state = {}
+    for path, m in _wrapped_layers(model):
+        if name in m.config:
+            state[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[name].detach().clone()
+            state[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[name].detach().clone()
+            if name in m.lora_magnitude:
+                state[f"{PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude[name].detach().clone()
+    if not state:
+        raise ValueError(f"no adapter named {name!r} in the model")
+    return state
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model, state: dict, name="default") -> None:
+    """Copy `state` into adapter `name`, strictly: every key present, none extra, every shape equal."""
+    own = adapter_state_dict(model, name)
+    for key in own:
+        if key not in state:
+            raise ValueError(f"adapter {name!r}: key {key} is missing from the state")
+    for key, value in state.items():
+        if key not in own:
+            raise ValueError(f"adapter {name!r}: unexpected key {key} (not a layer of this model's adapter)")
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"adapter {name!r}: {key} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(own[key].shape)} (an adapter for another base?)")
+    layers = dict(_wrapped_layers(model))
+    for key, value in state.items():
+        path, _, kind = key[len(PREFIX):].rpartition(".lora_")
+        d = {"A.weight": "lora_A", "B.weight": "lora_B", "magnitude_vector": "lora_magnitude"}[kind]
+        getattr(layers[path], d)[name].copy_(value)  # in place: bumps the version, so DoRA's cached n is stale
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def save_adapter(model, path, name="default", base_model_name_or_path=None) -> None:
+    """Write adapter `name` as PEFT does: path/adapter_config.json and path/adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    layers = [(p, m.config[name]) for p, m in _wrapped_layers(model) if name in m.config]
+    if not layers:
+        raise ValueError(f"no adapter named {name!r} in the model")
+    r, alpha = (Counter(c[k] for _, c in layers).most_common(1)[0][0] for k in ("r", "alpha"))
+    first = layers[0][1]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": first["dropout"],
+        "target_modules": sorted({p.rpartition(".")[2] for p, _ in layers}),
+        "rank_pattern": {re.escape(p): c["r"] for p, c in layers if c["r"] != r},
+        "alpha_pattern": {re.escape(p): c["alpha"] for p, c in layers if c["alpha"] != alpha},
+        "use_dora": first["use_dora"], "use_rslora": first["use_rslora"], "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+    }
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    # write beside, then rename: a crash mid-write never leaves a half file under the real name
+    save_file(state, os.path.join(path, "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    for fname in ("adapter_model.safetensors", "adapter_config.json"):
+        os.replace(os.path.join(path, fname + ".tmp"), os.path.join(path, fname))
+
+
+def read_adapter(path) -> tuple:
+    """(config, state) of a PEFT-format adapter directory, refusing what this module cannot run."""
+    from safetensors.torch import load_file
+
+    cfg_path, st_path = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
+    for p in (cfg_path, st_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"{p}: file not found (is {path} an adapter directory?)")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    try:
+        state = load_file(st_path)
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        raise ValueError(f"{st_path}: not a readable safetensors file ({e})") from None
+    unsupported = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+                   "lora_bias": False, "layer_replication": None, "trainable_token_indices": None}
+    for k, ok in unsupported.items():
+        value = config.get(k)
+        if not (value is None or value == ok or (not ok and not value)):  # [] counts as None, 0 as False
+            raise ValueError(f"{cfg_path}: {k}={config[k]!r} is not supported (only {k}={ok!r})")
+    for key in state:
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight",
+                                                           ".lora_magnitude_vector")):
+            raise ValueError(f"{st_path}: key {key} is not a LoRA/DoRA tensor of a linear layer "
+                             "(embedding LoRA, modules_to_save, ... are not supported)")
+    return config, state
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def load_adapter(model, path, name="default") -> dict:
+    """Load a PEFT-format LoRA/DoRA adapter into adapter `name`; inject it from the file's config first if
+    the model does not have it. Returns the adapter's config. Raises ValueError on any mismatch."""
+    config, state = read_adapter(path)
+    if not any(name in m.config for _, m in _wrapped_layers(model)):
+        modules = dict(model.named_modules())
+        for key in state:
+            if not key.endswith(".lora_A.weight"):
+                continue
+            mpath = key[len(PREFIX):-len(".lora_A.weight")]
+            if not isinstance(modules.get(mpath), (nn.Linear, LoRALinear)):
+                raise ValueError(f"{path}: key {key}: the model has no linear layer {mpath} "
+                                 "(an adapter for another base model?)")
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, mpath, config.get("lora_alpha", 8))
+            _wrap(model, mpath).add_adapter(name, r=state[key].shape[0], alpha=alpha,
+                                            dropout=config.get("lora_dropout", 0.0),
+                                            use_dora=bool(config.get("use_dora")),
+                                            use_rslora=bool(config.get("use_rslora")))
+    load_adapter_state_dict(model, state, name)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Merging: a pure function of the layer's tensors, then a plain nn.Linear in its place
+
+
+@torch.no_grad()
+def merged_weight(layer: LoRALinear) -> torch.Tensor:
+    """W' such that W' x + b equals layer(x) with its active adapters, computed in fp32:
+
+        W' = W + sum_k [(g_k - 1) W + g_k s_k B_k A_k],   g_k = m_k / n_k for DoRA, 1 for LoRA
+
+    For one adapter: LoRA gives W + s B A, DoRA gives (m / n) * (W + s B A).
+    """
+    W = dense_weight(layer.base).float()
+    merged = W.clone()
+    for name in layer.active:
+        cfg = layer.config[name]
+        delta = cfg["scale"] * (layer.lora_B[name].float() @ layer.lora_A[name].float())  # (out, in), once
+        if cfg["use_dora"]:
+            g = (layer.lora_magnitude[name].float() / layer.dora_norm(name)).unsqueeze(1)  # (out, 1)
+            delta = (g - 1) * W + g * delta
+        merged += delta
+    return merged
+
+
+def merge(model, dtype=None):
+    """Fold every layer's active adapters into a plain nn.Linear and remove the wrappers (in place).
+
+    4-bit weights are dequantized and the result is stored in `dtype`, by default the layer's compute
+    dtype (bitsandbytes) or the original weight's dtype. Returns the model.
+    """
+    for path, layer in _wrapped_layers(model):
+        base = layer.base
+        if dtype is not None:
+            out_dtype = dtype
+        elif hasattr(base.weight, "quant_state"):
+            out_dtype = getattr(base, "compute_dtype", None) or base.weight.quant_state.dtype
+        else:
+            out_dtype = base.weight.dtype
+        device = base.weight.device
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                           device=device, dtype=out_dtype)
+        linear.weight.data.copy_(merged_weight(layer))
+        if base.bias is not None:
+            linear.bias.data.copy_(base.bias.data)
+        linear.requires_grad_(False)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, linear)
+    return model
