@@ -80,6 +80,10 @@ class LoRALinear(nn.Module):
     W x is base(x) minus the bias, so the bias is never scaled and the base matmul runs once, also with
     dropout (dropout touches only the adapter branch, unlike PEFT, which runs W on dropout(x) again).
     n is treated as a constant, as DoRA section 4.3 suggests: no gradient flows through it.
+
+    Cost: forward computes G * out + sum of branches in one fused op where LoRA adds, with g folded into
+    B, so DoRA's extra work is elementwise in backward (the gradients of out and m) and its norm, once
+    per optimizer step (see dora_norm).
     """
 
     def __init__(self, base: nn.Linear):
@@ -146,23 +150,36 @@ class LoRALinear(nn.Module):
         return n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = self.base(x)  # W x + b, the one base matmul
         if not self.active:
             return out
-        result, Wx = out, None
+        # Rewrite the sum of terms as  y = G * (W x) + b + sum_k B'_k A_k xd_k  with G = 1 + sum_k (g_k - 1)
+        # over DoRA adapters and B' = s B (LoRA) or g s B (DoRA). Folding s and g into B is an (out, r)
+        # op, where scaling the output would be an (..., out) one. G * (W x) + b = G * out + (1 - G) * b.
+        B_eff, G = [], None
         for name in self.active:
-            cfg, A, B = self.config[name], self.lora_A[name], self.lora_B[name]
-            xd = F.dropout(x, cfg["dropout"], self.training).to(A.dtype)
-            lora = F.linear(F.linear(xd, A), B) * cfg["scale"]  # (..., r) then (..., out)
-            if not cfg["use_dora"]:
-                result = result + lora
-                continue
-            if Wx is None:
-                Wx = out if self.base.bias is None else out - self.base.bias
-            g = (self.lora_magnitude[name] / self.dora_norm(name)).to(lora.dtype)  # (out,)
-            # (g - 1) * Wx + g * lora, written so autograd keeps one (..., out) tensor instead of two
-            result = result + (g * (Wx + lora) - Wx)
-        return result.to(out.dtype)
+            cfg, B = self.config[name], self.lora_B[name]
+            if cfg["use_dora"]:
+                g = self.lora_magnitude[name] / self.dora_norm(name)  # (out,), n detached
+                B = B * (cfg["scale"] * g).unsqueeze(1)
+                G = g if G is None else G + (g - 1)
+            else:
+                B = B * cfg["scale"]
+            B_eff.append(B)
+        bias = self.base.bias
+        fix_bias = None if G is None or bias is None else (1 - G) * bias  # keeps the bias unscaled
+        branches = None
+        for i, name in enumerate(self.active):
+            cfg, A = self.config[name], self.lora_A[name]
+            xd = F.dropout(x, cfg["dropout"], True) if self.training and cfg["dropout"] > 0 else x
+            if not torch.is_autocast_enabled(x.device.type):
+                xd = xd.to(A.dtype)  # under autocast the matmul picks the dtype; a cast here would copy x
+            b = fix_bias.to(B_eff[i].dtype) if i == 0 and fix_bias is not None else None
+            branch = F.linear(F.linear(xd, A), B_eff[i], b)  # (..., r) then (..., out); b rides along free
+            branches = branch if branches is None else branches + branch
+        if G is None:
+            return (out + branches).to(out.dtype)
+        return torch.addcmul(branches, G.to(branches.dtype), out).to(out.dtype)  # one fused op, like LoRA's add
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, adapters={self.config}, active={self.active}"
