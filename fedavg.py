@@ -1,0 +1,246 @@
+"""Federated averaging of adapter state dicts, and the server optimizers built on it.
+
+One round of FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", Algorithm 1):
+
+    1. the server picks a fraction of the K clients                      sample_clients(...)
+    2. each picked client k starts from the global adapter x_t, trains it on its n_k local examples and
+       sends back x_k                                                     (state_bytes measures the traffic)
+    3. the server averages the clients, weighting each by its sample count:
+
+           x_avg = sum_k n_k x_k / sum_k n_k                               weighted_average(states, counts)
+
+Reddi et al. 2021 ("Adaptive Federated Optimization", Algorithm 2) read step 3 as one optimizer step on
+the pseudo-gradient
+
+           delta_t = x_t - x_avg       (minus the clients' mean update, so it points uphill like a gradient)
+
+Plain FedAvg is then SGD with server learning rate 1 (x_{t+1} = x_t - delta_t = x_avg), and any optimizer
+can run on the server instead (ServerOptimizer):
+
+    fedavg    x_{t+1} = x_t - lr * delta_t
+    fedavgm   m_t = mu * m_{t-1} + delta_t;  x_{t+1} = x_t - lr * m_t      (server momentum, Hsu et al. 2019)
+    fedadam   m_t = b1 * m_{t-1} + (1 - b1) * delta_t
+              v_t = b2 * v_{t-1} + (1 - b2) * delta_t^2
+              x_{t+1} = x_t - lr * m_t / (sqrt(v_t) + eps)                  (no bias correction, as in the paper)
+
+LoRA caveat. Clients train the factors A (r, in) and B (out, r) of the update s * B @ A, and FedAvg averages
+each factor on its own. The product of the averages is not the average of the products: with
+p_k = n_k / sum_j n_j,
+
+    sum_k p_k B_k A_k = B_avg A_avg + sum_k p_k (B_k - B_avg) (A_k - A_avg)
+
+so the aggregated adapter misses the last term, a weighted covariance of the clients' factors. It is zero
+when all clients share A (FFA-LoRA, Sun et al. 2024, freezes A for this reason) or share B, and small while
+the clients stay near their common starting point, which is why FedAvg of LoRA factors works in practice;
+but it is an approximation, and the gap grows with local steps and client heterogeneity. Other methods
+change what is sent, e.g. FedSA-LoRA (Guo et al. 2025) aggregates only A and keeps each client's B local.
+DoRA's magnitude is averaged like any parameter, and is approximate for the same reason (the row norm is
+not linear).
+
+This file needs only torch and the standard library; copy it anywhere.
+"""
+
+import builtins
+import math
+import random
+
+import torch
+
+KINDS = ("fedavg", "fedavgm", "fedadam")
+
+
+def _check_like(ref: dict, other: dict, ref_name: str, other_name: str) -> None:
+    """Raise ValueError unless `other` has the keys, shapes and dtypes of `ref` (floating-point tensors)."""
+    for key in ref:
+        if key not in other:
+            raise ValueError(f"{other_name} is missing key {key!r}, which {ref_name} has")
+    for key in other:
+        if key not in ref:
+            raise ValueError(f"{other_name} has an extra key {key!r}, which {ref_name} lacks")
+    for key, r in ref.items():
+        o = other[key]
+        if not (isinstance(r, torch.Tensor) and r.is_floating_point()):
+            raise ValueError(f"key {key!r} in {ref_name} is {getattr(r, 'dtype', type(r).__name__)}; "
+                             f"only floating-point tensors can be averaged")
+        if o.shape != r.shape:
+            raise ValueError(f"key {key!r} has shape {tuple(o.shape)} in {other_name} "
+                             f"but {tuple(r.shape)} in {ref_name}")
+        if o.dtype != r.dtype:
+            raise ValueError(f"key {key!r} has dtype {o.dtype} in {other_name} but {r.dtype} in {ref_name}")
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 tensors (fp64 stays fp64): the precision the averaging math runs in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """x_avg = sum_i w_i x_i / sum_i w_i, key by key (McMahan et al. 2017, Algorithm 1).
+
+    Weights are usually the clients' sample counts. The sum runs in fp32, so bf16/fp16 states are rounded
+    once, at the end. It is written relative to the heaviest state a, x_avg = x_a + sum_i p_i (x_i - x_a)
+    with p_i = w_i / sum_j w_j, so that identical states come back bit-exact, as does a lone state with
+    nonzero weight.
+
+    Returns:
+        New tensors, each in the dtype and on the device of the first state's tensor.
+    Raises:
+        ValueError: no states; a weight count that does not match; a negative, non-finite or all-zero
+            weight; states whose keys, shapes or dtypes differ (the message names the key and the state).
+    """
+    if len(states) == 0:
+        raise ValueError("weighted_average needs at least one state")
+    if len(weights) != len(states):
+        raise ValueError(f"got {len(states)} states but {len(weights)} weights; give one weight per state")
+    for i, w in enumerate(weights):
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"weight {i} is {w!r}; weights must be finite and >= 0 (e.g. sample counts)")
+    total = math.fsum(weights)
+    if total == 0:
+        raise ValueError("all weights are zero; at least one state needs a positive weight")
+    for i in range(1, len(states)):
+        _check_like(states[0], states[i], "state 0", f"state {i}")
+
+    p = [w / total for w in weights]
+    a = max(range(len(p)), key=p.__getitem__)  # anchor at the heaviest state (the first, on ties)
+    out = {}
+    for key, first in states[0].items():
+        device, dtype = first.device, _math_dtype(first.dtype)
+        x_a = states[a][key].to(device, dtype)
+        acc = x_a.clone()  # x_a may be the caller's tensor; never add into it
+        for i, state in enumerate(states):
+            if i != a and p[i] > 0:
+                acc.add_(state[key].to(device, dtype) - x_a, alpha=p[i])
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def sample_clients(clients: list[str], round: int, seed: int, fraction: float | None = None,
+                   count: int | None = None) -> list[str]:
+    """The clients that take part in `round`: a random subset, in the order of `clients`.
+
+    Give exactly one of `fraction` (0 < fraction <= 1; picks max(1, round(fraction * n)) clients, with
+    Python's round, which rounds halves to even) or `count` (1 <= count <= n). The choice depends only on
+    (seed, round), not on the global random state, so a resumed run picks the same clients.
+
+    Raises:
+        ValueError: no clients, duplicate names, non-integer round/seed, or a bad fraction/count.
+    """
+    n = len(clients)
+    if n == 0:
+        raise ValueError("there are no clients to sample from")
+    if len(set(clients)) != n:
+        raise ValueError("client names must be unique")
+    for name, value in (("round", round), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (fraction is None) == (count is None):
+        raise ValueError("give exactly one of fraction or count")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        count = max(1, builtins.round(fraction * n))  # builtins: `round` is this function's argument
+    elif isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n:
+        raise ValueError(f"count must be an integer in [1, {n}] (the number of clients), got {count!r}")
+
+    rng = random.Random(f"sample_clients:{seed}:{round}")  # a str seed is hashed with SHA-512: stable
+    return [clients[i] for i in sorted(rng.sample(range(n), count))]
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors in `state` (numel * element size): what one client sends, or receives, per round."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _check_hyperparameters(kind, lr, momentum, beta1, beta2, eps) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown server optimizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"server lr must be a finite number > 0, got {lr!r}")
+    for name, value in (("momentum", momentum), ("beta1", beta1), ("beta2", beta2)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def _previous(buffers: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
+    """Last round's buffer for `key` (zeros on the first round), on `like`'s device and dtype."""
+    if key not in buffers:
+        return torch.zeros_like(like)
+    return buffers[key].to(like.device, like.dtype)
+
+
+class ServerOptimizer:
+    """FedAvg, FedAvgM or FedAdam on the server, stepping on delta = global - average (see the module doc).
+
+    Buffers (m for momentum / Adam's first moment, v for Adam's second) are kept in fp32, key by key.
+    eps (Reddi et al.'s tau) defaults to 1e-3, much larger than Adam's usual 1e-8; the paper tunes it.
+
+        opt = ServerOptimizer("fedadam", lr=1e-2)
+        for round in range(R):
+            average = weighted_average(client_states, sample_counts)
+            global_state = opt.step(global_state, average)
+    """
+
+    def __init__(self, kind: str = "fedavg", lr: float = 1.0, momentum: float = 0.9, beta1: float = 0.9,
+                 beta2: float = 0.99, eps: float = 1e-3):
+        _check_hyperparameters(kind, lr, momentum, beta1, beta2, eps)
+        self.kind, self.lr, self.momentum = kind, lr, momentum
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.steps = 0
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def step(self, global_state: dict[str, torch.Tensor],
+             average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global state. Pure in its arguments (only the optimizer's own buffers change).
+
+        Results have each global tensor's dtype and device. With kind "fedavg" and lr=1 the result equals
+        `average` exactly.
+        """
+        _check_like(global_state, average, "the global state", "the average")
+        for buffers in (self.m, self.v):
+            if buffers and buffers.keys() != global_state.keys():
+                raise ValueError("the optimizer's buffers hold other keys than this global state "
+                                 "(was it built, or loaded, for another adapter?)")
+        new, m, v = {}, {}, {}
+        for key, g in global_state.items():
+            x = g.to(_math_dtype(g.dtype))
+            avg = average[key].to(x.device, x.dtype)
+            delta = x - avg  # pseudo-gradient
+            if self.kind == "fedavg":
+                x_new = avg + (1 - self.lr) * delta  # = x - lr * delta, written so that lr=1 gives avg exactly
+            elif self.kind == "fedavgm":
+                m[key] = self.momentum * _previous(self.m, key, delta) + delta
+                x_new = x - self.lr * m[key]
+            else:  # fedadam
+                m[key] = self.beta1 * _previous(self.m, key, delta) + (1 - self.beta1) * delta
+                v[key] = self.beta2 * _previous(self.v, key, delta) + (1 - self.beta2) * delta.square()
+                x_new = x - self.lr * m[key] / (v[key].sqrt() + self.eps)
+            new[key] = x_new.to(g.dtype)
+        self.m, self.v, self.steps = m, v, self.steps + 1  # only now, so a failed step changes nothing
+        return new
+
+    def state_dict(self) -> dict:
+        """Kind, hyperparameters, step count and buffers (as CPU copies): what resuming a run needs."""
+        return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum, "beta1": self.beta1,
+                "beta2": self.beta2, "eps": self.eps, "steps": self.steps,
+                "m": {k: t.to("cpu", copy=True) for k, t in self.m.items()},
+                "v": {k: t.to("cpu", copy=True) for k, t in self.v.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned; the kind must match this optimizer's."""
+        missing = {"kind", "lr", "momentum", "beta1", "beta2", "eps", "steps", "m", "v"} - state.keys()
+        if missing:
+            raise ValueError(f"server optimizer state lacks {', '.join(sorted(missing))}")
+        if state["kind"] != self.kind:
+            raise ValueError(f"this state is for a {state['kind']!r} server optimizer, not {self.kind!r}")
+        _check_hyperparameters(state["kind"], state["lr"], state["momentum"], state["beta1"], state["beta2"],
+                               state["eps"])
+        self.lr, self.momentum, self.eps = state["lr"], state["momentum"], state["eps"]
+        self.beta1, self.beta2, self.steps = state["beta1"], state["beta2"], state["steps"]
+        self.m = {k: t.clone() for k, t in state["m"].items()}
+        self.v = {k: t.clone() for k, t in state["v"].items()}
+
