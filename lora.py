@@ -200,7 +200,7 @@ def _wrap(model, path: str) -> LoRALinear:
     parent = model.get_submodule(parent_path) if parent_path else model
     layer = getattr(parent, attr)
     if not isinstance(layer, LoRALinear):
-        layer = LoRALinear(layer)
+        layer = LoRALinear(layer).train(layer.training)  # a model in eval mode stays in eval mode
         setattr(parent, attr, layer)
     return layer
 

@@ -205,6 +205,15 @@ def test_two_adapters_sum_and_set_active():
         lora.set_active(model, ["c"])
 
 
+def test_wrapping_keeps_the_models_train_or_eval_mode():
+    model = tiny_lm()  # in eval mode
+    lora.inject(model, ["q_proj"], r=4, dropout=0.5)
+    assert not model.model.layers[0].self_attn.q_proj.training  # else dropout would run at inference
+    model.train()
+    lora.inject(model, ["v_proj"], r=4)
+    assert model.model.layers[0].self_attn.v_proj.training
+
+
 def test_mark_trainable_and_inject_errors():
     model = tiny_lm()
     paths = lora.inject(model, ["q_proj", "v_proj"], name="g", r=4)

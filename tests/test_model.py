@@ -87,7 +87,7 @@ def test_tiny_loads_with_plain_transformers(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny)
     tok = AutoTokenizer.from_pretrained(tiny)
     cfg = model.config
-    assert cfg.model_type == "qwen2" and cfg.tie_word_embeddings
+    assert cfg.model_type == "qwen2" and not cfg.tie_word_embeddings
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (256, 4, 4, 2)
     assert cfg.vocab_size == len(tok)
     assert 2_000_000 < sum(p.numel() for p in model.parameters()) < 6_000_000
@@ -138,7 +138,7 @@ def test_load_4bit(quant_type, nf4, tiny, fp32, texts):
         w = layer.weight
         assert w.dtype == torch.uint8 and w.quant_state.quant_type == quant_type
         assert w.quant_state.nested  # double quantization of the absmax constants
-    # lm_head (tied to the embeddings) and embeddings stay in the compute dtype, not 4-bit and not fp32
+    # lm_head and embeddings stay in the compute dtype, not 4-bit and not fp32
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
     assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert all(p.dtype != torch.float32 for p in model.parameters())

@@ -1,0 +1,310 @@
+"""train.py: the config parser, the chunked loss, checkpointing, resume and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data as D
+import lora
+import model as M
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "config.yaml")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tiny-model build for the whole session."""
+    d = tmp_path_factory.mktemp("cache")
+    M.build_tiny(os.path.join(d, "tiny"), D.demo_texts(os.path.join(ROOT, "data")))
+    return str(d)
+
+
+def small_run(cache_dir, out_dir, *extra):
+    """Overrides for a run of a few steps on a slice of the demo data."""
+    return [CONFIG, f"model.cache_dir={cache_dir}", f"train.output_dir={out_dir}", "train.max_steps=6",
+            "train.batch_size=4", "train.eval_every=3", "train.save_every=3", "train.log_every=1",
+            "train.warmup_steps=2", f"data.train_file={os.path.join(ROOT, 'data/clients/fr.json')}",
+            "data.eval_fraction=0.05", *extra]
+
+
+def run_main(argv, capsys):
+    """train.main in-process; returns (exit code, stderr)."""
+    try:
+        train.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_defaults_file_and_overrides(tmp_path):
+    cfg = train.load_config(CONFIG, ["train.lr=1", "lora.target_modules=[q_proj, v_proj]", "data.eval_file=null",
+                                     "lora.use_dora=true", "data.system_prompt=Be brief."])
+    assert cfg["train"]["lr"] == 1.0 and isinstance(cfg["train"]["lr"], float)
+    assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"] and cfg["lora"]["use_dora"] is True
+    assert cfg["data"]["system_prompt"] == "Be brief." and cfg["data"]["eval_file"] is None
+    assert cfg["model"]["name_or_path"] == "tiny"
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("lora:\n  r: 4\n")
+    cfg = train.load_config(str(partial))
+    assert cfg["lora"]["r"] == 4 and cfg["train"] == train.DEFAULTS["train"]  # the rest are defaults
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key train.lrr; did you mean train.lr?"),
+    ("lora.rank=4", "unknown key lora.rank; did you mean lora.r?"),
+    ("lora.r=0", "lora.r: must be >= 1, got 0"),
+    ("lora.dropout=1.0", r"lora.dropout: must be in \[0, 1\), got 1.0"),
+    ("train.lr=0", "train.lr: must be > 0, got 0"),
+    ("train.lr=fast", "train.lr: expected float, got str 'fast'"),
+    ("lora.use_dora=3", "lora.use_dora: expected bool, got int 3"),
+    ("model.quantization=int3", "model.quantization: 'int3' is not one of nf4, fp4, none"),
+    ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
+    ("train.lr", "override 'train.lr': expected section.key=value"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(train.ConfigError, match=message):
+        train.load_config(CONFIG, [override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(train.ConfigError, match="nope.yaml: config file not found"):
+        train.load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(train.ConfigError, match="'trian' is not a section .*did you mean train"):
+        train.load_config(str(bad))
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(train.ConfigError, match="invalid YAML"):
+        train.load_config(str(bad))
+
+
+# ---------------------------------------------------------------- loss and schedule
+
+
+def tiny(cache_dir, quantization="none", dtype=torch.float32, checkpointing=False):
+    model, tok = M.load_model(os.path.join(cache_dir, "tiny"), quantization, dtype, "cpu", "eager", checkpointing)
+    return model, tok
+
+
+def demo_batch(tok, n=6):
+    records = D.load_records(os.path.join(ROOT, "data/clients/de.json"))[:n]
+    return D.collate(D.tokenize_records(tok, records, 64), tok.pad_token_id)
+
+
+def test_chunked_loss_equals_full_cross_entropy(cache_dir):
+    model, tok = tiny(cache_dir)
+    batch = demo_batch(tok)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+        n_ref = int((batch["labels"][:, 1:] != -100).sum())
+        for chunk in (1, 7, 1024):  # chunk boundaries must not matter
+            total, n = train.loss_sum(model, batch, chunk_size=chunk)
+            assert n == n_ref
+            torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_gradients_equal_full_cross_entropy(cache_dir):
+    model, tok = tiny(cache_dir)
+    lora.inject(model, ["q_proj", "down_proj"], r=4)
+    with torch.no_grad():
+        for p in lora.adapter_parameters(model, "default"):
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = demo_batch(tok)
+    total, _ = train.loss_sum(model, batch, chunk_size=5)
+    ours = torch.autograd.grad(total, list(lora.adapter_parameters(model, "default")))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+    ref = torch.autograd.grad(ref_loss, list(lora.adapter_parameters(model, "default")))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_gradient_checkpointing_gives_the_same_gradients(cache_dir, quantization):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, tok = tiny(cache_dir, quantization, checkpointing=checkpointing)
+        lora.inject(model, train.ALL_LINEAR, r=4, use_dora=True)
+        with torch.no_grad():
+            for p in lora.adapter_parameters(model, "default"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        model.train()
+        total, _ = train.loss_sum(model, demo_batch(tok))
+        grads.append(torch.autograd.grad(total, list(lora.adapter_parameters(model, "default"))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class CaptureGrads:
+    """Stands in for the optimizer: records the gradients train_step would step with."""
+
+    def __init__(self, params):
+        self.params, self.grads = params, None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_gradient_accumulation_equals_one_big_batch(cache_dir):
+    """Normalising by the step's labelled tokens: 3 micro-batches of 2 == 1 batch of 6."""
+    model, tok = tiny(cache_dir)
+    lora.inject(model, ["v_proj"], r=4)
+    params = list(lora.adapter_parameters(model, "default"))
+    records = D.load_records(os.path.join(ROOT, "data/clients/it.json"))[:6]
+    examples = D.tokenize_records(tok, records, 64)
+    grads = []
+    for groups in ([examples], [examples[0:2], examples[2:4], examples[4:6]]):
+        opt = CaptureGrads(params)
+        train.train_step(model, params, opt, torch.amp.GradScaler("cpu", enabled=False),
+                         [D.collate(g, tok.pad_token_id) for g in groups], torch.device("cpu"), torch.float32, 0)
+        grads.append(opt.grads)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_lr_schedule():
+    lrs = [train.lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically after warmup
+    assert train.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+def test_run_writes_metrics_checkpoints_and_adapter(cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(small_run(cache_dir, out), capsys)
+    assert code == 0, err
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if "eval_loss" in e]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 6  # before training and at the end
+    assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    assert all(k in events[1] for k in ("loss", "lr", "tokens_per_s"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000003", "step_000006"]
+    assert sorted(os.listdir(out / "checkpoints/step_000006")) == ["adapter", "config.yaml", "state.pt"]
+    cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == os.path.join(cache_dir, "tiny")
+    assert train.load_config(str(out / "config.yaml"))["train"]["max_steps"] == 6  # the resolved config
+
+
+def test_adapter_opens_in_peft_on_the_recorded_base(cache_dir, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "run"
+    assert run_main(small_run(cache_dir, out, "train.max_steps=3", "lora.use_dora=true"), capsys)[0] == 0
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter"), dtype=torch.float32).eval()
+    ours, tok = tiny(cache_dir)
+    lora.load_adapter(ours, str(out / "adapter"))
+    ids = demo_batch(tok)["input_ids"]
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert (a - b).abs().max() / b.abs().max() < 1e-4
+
+
+def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    extra = ("lora.use_dora=true", "train.grad_accum=2", "train.keep_checkpoints=5")  # dropout 0.05 is on
+    assert run_main(small_run(cache_dir, full, *extra), capsys)[0] == 0
+    real_step, calls = train.train_step, []
+
+    def crash_on_fifth(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the machine dies during step 5; step 3 was the last checkpoint
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(small_run(cache_dir, cut, *extra))
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert sorted(os.listdir(cut / "checkpoints")) == ["step_000003"]
+    assert run_main(small_run(cache_dir, cut, *extra) + ["--resume"], capsys)[0] == 0
+    for sub in ("adapter", "checkpoints/step_000006/adapter"):
+        a = lora.read_adapter(str(full / sub))[1]
+        b = lora.read_adapter(str(cut / sub))[1]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_second_run_into_the_same_directory_refuses(cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(small_run(cache_dir, out, "train.max_steps=1"), capsys)[0] == 0
+    before = (out / "adapter/adapter_model.safetensors").read_bytes()
+    code, err = run_main(small_run(cache_dir, out, "train.max_steps=1"), capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err and "train.overwrite=true" in err
+    # a bad input with overwrite=true must not delete the earlier run either
+    code, err = run_main(small_run(cache_dir, out, "train.overwrite=true", "data.train_file=/nope.json"), capsys)
+    assert code == 2 and (out / "adapter/adapter_model.safetensors").read_bytes() == before
+    assert run_main(small_run(cache_dir, out, "train.max_steps=1", "train.overwrite=true"), capsys)[0] == 0
+
+
+def test_nonfinite_loss_skips_then_stops(cache_dir, tmp_path, capsys, monkeypatch):
+    real = train.loss_sum
+    monkeypatch.setattr(train, "loss_sum", lambda m, b, **k: (real(m, b)[0] * float("nan"), 1)
+                        if m.training else real(m, b, **k))
+    code, err = run_main(small_run(cache_dir, tmp_path / "run", "train.max_bad_steps=3"), capsys)
+    assert code == 2
+    assert err.count("loss is NaN/inf, step skipped") >= 2
+    assert "the loss was NaN/inf for 3 steps in a row" in err
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, no traceback
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_data", "nope.json: file not found"),
+    ("malformed", "bad.json, line 3: invalid JSON"),
+    ("not_list", 'bad.json: expected a JSON list of records, got dict'),
+    ("empty", "bad.json: file is empty"),
+    ("missing_field", 'bad.json, record 2: field "output" is missing'),
+    ("non_string", 'bad.json, record 1: field "input" must be a string, got int'),
+    ("model_path", "model.name_or_path: '/no/such/model' does not exist"),
+    ("unknown_key", "unknown key train.epochs"),
+    ("bad_value", "lora.dropout: must be in"),
+])
+def test_bad_input_gives_one_clear_line(case, message, cache_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    files = {
+        "malformed": '[\n {"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}\n]',
+        "not_list": '{"instruction": "a", "output": "b"}',
+        "empty": "",
+        "missing_field": '[{"instruction": "a", "output": "b"}, {"instruction": "a"}]',
+        "non_string": '[{"instruction": "a", "input": 3, "output": "b"}]',
+    }
+    extra = {"missing_data": [f"data.train_file={tmp_path / 'nope.json'}"],
+             "model_path": ["model.name_or_path=/no/such/model"],
+             "unknown_key": ["train.epochs=3"], "bad_value": ["lora.dropout=-0.1"]}.get(case, [])
+    if case in files:
+        extra = [f"data.train_file={write(bad, files[case])}"]
+    code, err = run_main(small_run(cache_dir, tmp_path / "run", *extra), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_missing_config_from_the_command_line(tmp_path):
+    """The real entry point, in a subprocess: one line on stderr, exit code 2, no traceback."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: config file not found"
