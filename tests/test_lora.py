@@ -2,7 +2,6 @@
 
 import copy
 import json
-import tempfile
 
 import pytest
 import torch
@@ -22,33 +21,32 @@ def nf4(linear: nn.Linear, compute_dtype=torch.float32):
                                  compress_statistics=True)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q.to("cpu")  # the move is what quantizes
+    q = q.to("cpu")  # the move is what quantizes
+    lora.keep_standard_layout(q)  # the same weight layout for PEFT and for us (see keep_standard_layout)
+    return q
 
 
-_TINY_DIR = {}
+def quantize_(model):
+    """Replace every linear layer but lm_head by its NF4 copy (quantization is deterministic)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear) and name != "lm_head":
+            setattr(model, name, nf4(child))
+        else:
+            quantize_(child)
+    return model
 
 
 def tiny_lm(quant=False, seed=0):
-    """A tiny random Qwen2; with quant=True loaded in NF4 the way users load one: from_pretrained with a
-    BitsAndBytesConfig (double quantization, fp32 compute), from the same saved weights."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+    """A tiny random Qwen2; with quant=True its linear layers (lm_head aside) in NF4, fp32 compute."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = Qwen2ForCausalLM(cfg).eval()
-    if not quant:
-        return model
-    pytest.importorskip("bitsandbytes")
-    if seed not in _TINY_DIR:
-        _TINY_DIR[seed] = tempfile.mkdtemp(prefix="tiny_lm_")
-        model.save_pretrained(_TINY_DIR[seed])
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(_TINY_DIR[seed], quantization_config=q, dtype=torch.float32,
-                                                 device_map="cpu").eval()
-    for m in model.modules():  # the same base for PEFT and for us: no CPU repacking (see keep_standard_layout)
-        lora.keep_standard_layout(m)
+    if quant:
+        quantize_(model)
+        model.is_loaded_in_4bit = True  # what transformers sets; PEFT's cue to use its bitsandbytes layers
     return model
 
 
