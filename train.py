@@ -79,6 +79,11 @@ def _check_type(key, value, default):
         return value
     if want is float and type(value) is int:
         return float(value)  # lr=1 means 1.0
+    if want is float and type(value) is str:
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
     if type(value) is not want:
         raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
     if want is list and not all(isinstance(v, str) for v in value):

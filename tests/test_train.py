@@ -48,6 +48,7 @@ def run_main(argv, capsys):
 
 
 def test_config_defaults_file_and_overrides(tmp_path):
+    assert train.load_config(CONFIG, ["train.lr=1e-4"])["train"]["lr"] == 1e-4  # YAML reads 1e-4 as a str
     cfg = train.load_config(CONFIG, ["train.lr=1", "lora.target_modules=[q_proj, v_proj]", "data.eval_file=null",
                                      "lora.use_dora=true", "data.system_prompt=Be brief."])
     assert cfg["train"]["lr"] == 1.0 and isinstance(cfg["train"]["lr"], float)
