@@ -61,14 +61,12 @@ def load_adapters(model, dirs, weights=None) -> list:
     names = []
     for i, (path, w) in enumerate(zip(dirs, weights)):
         name = f"a{i}"
-        config = lora.load_adapter(model, path, name)
-        if w != 1:
-            if config.get("use_dora"):
-                raise ValueError(f"adapter {path}: a DoRA adapter cannot be weighted (weight {w}); use 1 "
-                                 "or leave the weights out")
-            for m in model.modules():
-                if isinstance(m, lora.LoRALinear) and name in m.config:
-                    m.config[name]["scale"] *= w
+        lora.load_adapter(model, path, name)
+        try:
+            lora.scale_adapter(model, name, w)
+        except ValueError:
+            raise ValueError(f"adapter {path}: a DoRA adapter cannot be weighted (weight {w}); use 1 or leave "
+                             "the weights out") from None
         names.append(name)
     if names:
         lora.set_active(model, names)

@@ -259,6 +259,22 @@ def set_active(model, names) -> None:
         m.active = [n for n in names if n in m.config]
 
 
+def scale_adapter(model, name, weight) -> None:
+    """Scale LoRA adapter `name`'s update by `weight` (s -> weight * s), e.g. to mix several adapters.
+
+    A DoRA adapter refuses: it rescales whole rows by m / ||W + s B A||, so its update is no term that a
+    weight could scale.
+    """
+    layers = [m for _, m in _wrapped_layers(model) if name in m.config]
+    if not layers:
+        raise ValueError(f"no adapter named {name!r} in the model")
+    if weight != 1 and any(m.config[name]["use_dora"] for m in layers):
+        raise ValueError(f"adapter {name!r} is DoRA, which cannot be weighted (weight {weight}); use 1")
+    for m in layers:
+        m.config[name]["scale"] *= weight
+        m._norm_cache.pop(name, None)  # n depends on s
+
+
 def adapter_parameters(model, names):
     """The A, B (and DoRA m) parameters of the named adapters."""
     names = [names] if isinstance(names, str) else names

@@ -315,11 +315,12 @@ def latest_checkpoint(out_dir):
 RUN_FILES = ("metrics.jsonl", "checkpoints", "adapter", "config.yaml")
 
 
-def check_output_dir(out_dir, resume, overwrite):
+def check_output_dir(out_dir, resume, overwrite, files=RUN_FILES, latest=latest_checkpoint):
     """Refuse to mix two runs in one directory: --resume continues it, train.overwrite=true replaces it.
     Returns the previous run's files, which clear_output_dir removes once everything else checked out."""
-    previous = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if resume and latest_checkpoint(out_dir) is None:
+    previous = sorted(f for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else []) if f in files
+                      or any(f.startswith(p.rstrip("*")) for p in files if p.endswith("*")))
+    if resume and latest(out_dir) is None:
         raise ConfigError(f"--resume: {out_dir} holds no complete checkpoint to resume from")
     if previous and not resume and not overwrite:
         raise ConfigError(f"{out_dir} already holds a run ({', '.join(previous)}); pass --resume to continue "
@@ -379,10 +380,14 @@ def seed_everything(seed):
 
 def quiet_libraries():
     """transformers' progress bars and advice are noise in a training log."""
+    import logging
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes logs at import, on CPUs with AVX512-BF16, that an optional kernels package is missing
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def cli(description, argv, extra=None):
@@ -391,7 +396,7 @@ def cli(description, argv, extra=None):
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
     if extra:
         extra(ap)
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def fail(message):

@@ -212,6 +212,21 @@ def test_wrapping_keeps_the_models_train_or_eval_mode():
     assert model.model.layers[0].self_attn.v_proj.training
 
 
+def test_scale_adapter():
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(24, 16))
+    x = torch.randn(3, 24)
+    base_out = model(x)
+    lora.inject(model, ["q_proj"], name="a", r=4, alpha=8)
+    randomize(model.named_parameters())
+    full = model(x)
+    lora.scale_adapter(model, "a", 0.25)
+    assert_close(model(x) - base_out, 0.25 * (full - base_out), 1e-6)
+    lora.inject(model, ["q_proj"], name="d", r=4, use_dora=True)
+    with pytest.raises(ValueError, match="'d' is DoRA, which cannot be weighted"):
+        lora.scale_adapter(model, "d", 0.5)
+
+
 def test_mark_trainable_and_inject_errors():
     model = tiny_lm()
     paths = lora.inject(model, ["q_proj", "v_proj"], name="g", r=4)
