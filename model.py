@@ -375,3 +375,38 @@ def count_parameters(model):
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, streamer=None):
+    """Continue each prompt (a list of token ids) and return the new token ids of each, stop token cut.
+
+    The batch is left-padded so that every prompt ends at the same position and generation starts
+    together. temperature 0 is greedy decoding; otherwise nucleus sampling with top_p. `streamer` is a
+    transformers streamer (e.g. TextStreamer) that prints tokens as they come, for a batch of one.
+    """
+    stop = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    stop |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    stop.discard(None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    was_training = model.training
+    model.eval()  # no dropout; gradient checkpointing is off in eval mode, so the KV cache works
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         eos_token_id=sorted(stop), pad_token_id=pad, use_cache=True, streamer=streamer,
+                         **sampling)
+    model.train(was_training)
+    results = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+        results.append(row[:cut])
+    return results
