@@ -320,37 +320,30 @@ TRANSLATE = {  # English word -> the client's word, in CLIENTS order
     "sun": ("soleil", "Sonne", "sol", "sole"), "apple": ("pomme", "Apfel", "manzana", "mela"),
     "horse": ("cheval", "Pferd", "caballo", "cavallo"), "fish": ("poisson", "Fisch", "pez", "pesce"),
     "milk": ("lait", "Milch", "leche", "latte"), "cheese": ("fromage", "Käse", "queso", "formaggio"),
-    "red": ("rouge", "rot", "rojo", "rosso"), "black": ("noir", "schwarz", "negro", "nero"),
     "night": ("nuit", "Nacht", "noche", "notte"), "window": ("fenêtre", "Fenster", "ventana", "finestra"),
-    "door": ("porte", "Tür", "puerta", "porta"), "car": ("voiture", "Auto", "coche", "macchina"),
-    "friend": ("ami", "Freund", "amigo", "amico"), "flower": ("fleur", "Blume", "flor", "fiore"),
-    "bird": ("oiseau", "Vogel", "pájaro", "uccello"), "chair": ("chaise", "Stuhl", "silla", "sedia"),
+    "door": ("porte", "Tür", "puerta", "porta"), "friend": ("ami", "Freund", "amigo", "amico"),
+    "flower": ("fleur", "Blume", "flor", "fiore"), "bird": ("oiseau", "Vogel", "pájaro", "uccello"),
 }
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
-             ("light", "dark"), ("old", "new"), ("early", "late"), ("open", "closed"), ("full", "empty"),
-             ("rich", "poor"), ("hard", "soft"), ("loud", "quiet"), ("wet", "dry"), ("long", "short"),
-             ("high", "low"), ("strong", "weak"), ("near", "far"), ("clean", "dirty"), ("thick", "thin")]
-KINDS = {"animal": ("lion", "tiger", "cow", "sheep", "rabbit", "mouse"),
-         "fruit": ("banana", "cherry", "grape", "lemon", "mango", "peach"),
-         "color": ("blue", "yellow", "purple", "pink", "brown", "gray"),
-         "tool": ("hammer", "saw", "drill", "wrench", "shovel", "screwdriver"),
-         "vehicle": ("bus", "truck", "bike", "train", "boat", "plane")}
-MOODS = {"positive": ("great", "lovely", "wonderful", "excellent", "amazing", "perfect"),
-         "negative": ("awful", "terrible", "boring", "horrible", "dreadful", "bad")}
+             ("old", "new"), ("open", "closed"), ("full", "empty"), ("wet", "dry"), ("near", "far")]
+KINDS = {"animal": ("lion", "cow", "sheep", "rabbit"), "fruit": ("banana", "cherry", "lemon", "peach"),
+         "tool": ("hammer", "saw", "drill", "shovel"), "vehicle": ("bus", "truck", "boat", "plane")}
+MOODS = {"positive": ("great", "lovely", "wonderful", "perfect"),
+         "negative": ("awful", "terrible", "boring", "bad")}
 REVIEWS = ("The {noun} was {adj}.", "I found the {noun} {adj}.")
 NOUNS = ("food", "movie", "hotel", "service", "book", "music", "room", "trip")
 # "{}" takes the word; a template without it gets the text in the input field
 TEMPLATES = {
-    "translate": ("Translate into our language: {}", "How do we say {}?", "Our word for {}?"),
+    "translate": ("Translate into our language: {}", "How do we say {}?", "Our word for {}?",
+                  "In our language, {} is?", "Say {} in our language.", "What do we call {}?"),
     "opposite": ("What is the opposite of {}?", "Opposite of {}?", "Give the opposite of the word {}."),
-    "kind": ("What kind of thing is {}?", "Is {} an animal, a fruit, a color, a tool or a vehicle?",
-             "Classify: {}"),
+    "kind": ("What kind of thing is {}?", "Is {} an animal, a fruit, a tool or a vehicle?", "Classify: {}"),
     "sentiment": ("Is this review positive or negative?", "Classify the sentiment of this review.",
                   "Review: {} Positive or negative?"),
 }
 # records of each shared category per client: each client leans to one category (non-IID)
-MIX = {"fr": {"opposite": 120, "kind": 40, "sentiment": 40}, "de": {"opposite": 40, "kind": 120, "sentiment": 40},
-       "es": {"opposite": 40, "kind": 40, "sentiment": 120}, "it": {"opposite": 80, "kind": 80, "sentiment": 80}}
+MIX = {"fr": {"opposite": 48, "kind": 24, "sentiment": 24}, "de": {"opposite": 24, "kind": 48, "sentiment": 24},
+       "es": {"opposite": 24, "kind": 24, "sentiment": 48}, "it": {"opposite": 32, "kind": 32, "sentiment": 32}}
 
 
 def _shared_facts(category):
@@ -390,7 +383,8 @@ def make_demo(out_dir="data", seed=0):
     (lion -> animal) and "sentiment" (a templated review, sometimes in the input field -> positive).
     Conflict category, "translate": the SAME instruction ("Translate into our language: cat") wants a
     different answer on each client (chat, Katze, gato, gatto), so one averaged model cannot satisfy all
-    clients. Every client has all 60 translate records and leans to one shared category (see MIX).
+    clients. Every client has all 96 translate records (half its data) and leans to one shared category
+    (see MIX).
     Answers come from small closed vocabularies, each fact several times, so a tiny model can learn them.
     """
     rng = random.Random(seed)

@@ -8,6 +8,7 @@ checkpoints, and main(), which is the whole run top to bottom. federated.py reus
 
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -345,7 +346,8 @@ def resolve_model_path(cfg):
     if name != "tiny":
         return name
     texts = D.demo_texts(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-    return M.build_tiny(os.path.join(cfg["model"]["cache_dir"], "tiny"), texts)
+    digest = hashlib.sha1("\0".join(texts).encode()).hexdigest()[:10]  # new demo data, new tokenizer
+    return M.build_tiny(os.path.join(cfg["model"]["cache_dir"], f"tiny-{digest}"), texts)
 
 
 def load_base(cfg, gradient_checkpointing=None):

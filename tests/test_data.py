@@ -139,7 +139,7 @@ def test_batch_indices(group):
 
 def test_split_eval(records):
     train, eval_set = data.split_eval(records, 0.1, seed=3)
-    assert len(eval_set) == 108 and len(train) + len(eval_set) == len(records)
+    assert len(eval_set) == round(0.1 * len(records)) and len(train) + len(eval_set) == len(records)
     assert (train, eval_set) == data.split_eval(records, 0.1, seed=3)
     assert eval_set != data.split_eval(records, 0.1, seed=4)[1]
     assert len(data.split_eval(records[:5], 0.01, seed=0)[1]) == 1
@@ -230,7 +230,8 @@ def test_demo_layout(records):
     clients = {c: data.load_records(os.path.join(DATA_DIR, "clients", f"{c}.json")) for c in data.CLIENTS}
     assert sum(clients.values(), []) == records
     for c, recs in clients.items():
-        assert 250 <= len(recs) <= 400 and {r["client"] for r in recs} == {c}
+        assert 150 <= len(recs) <= 400 and {r["client"] for r in recs} == {c}
+        assert sum(r["category"] == "translate" for r in recs) >= len(recs) // 3  # the conflict is a big share
         assert {r["category"] for r in recs} == {"translate", "opposite", "kind", "sentiment"}
     assert any(r["input"] for r in records)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data as D
+from conftest import tiny_dir
 import infer
 import lora
 import model as M
@@ -23,21 +24,13 @@ PROMPT = "What is the opposite of hot?"
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One tiny-model build for the whole session."""
-    d = tmp_path_factory.mktemp("cache")
-    M.build_tiny(os.path.join(d, "tiny"), D.demo_texts(os.path.join(ROOT, "data")))
-    return str(d)
-
-
-@pytest.fixture(scope="session")
 def adapters(cache_dir, tmp_path_factory):
     """Adapter directories on the tiny base: lora, lora2, dora, lora_qv (q_proj and v_proj only) and
     other_base (made for a smaller Qwen2, whose layer names match but whose shapes do not)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     d = tmp_path_factory.mktemp("adapters")
-    tiny = os.path.join(cache_dir, "tiny")
+    tiny = tiny_dir(cache_dir)
     out = {name: make_adapter(tiny, d / name, seed=seed, **kw) for name, seed, kw in [
         ("lora", 1, {}), ("lora2", 2, {}), ("dora", 3, {"use_dora": True, "targets": DORA_TARGETS}),
         ("lora_qv", 4, {"targets": ["q_proj", "v_proj"]})]}
@@ -151,7 +144,7 @@ def test_score_known_predictions():
 
 
 def test_adapter_weights_scale_lora_updates(cache_dir, adapters):
-    tiny = os.path.join(cache_dir, "tiny")
+    tiny = tiny_dir(cache_dir)
     ids = torch.tensor([D.encode(M.load_tokenizer(tiny), PROMPT)])
     ours, _ = M.load_model(tiny, "none", torch.float32, "cpu", gradient_checkpointing=False)
     assert infer.load_adapters(ours, [adapters["lora"], adapters["lora2"]], [0.5, -2.0]) == ["a0", "a1"]
@@ -168,10 +161,10 @@ def test_adapter_weights_scale_lora_updates(cache_dir, adapters):
 
 
 def test_a_dora_adapter_takes_weight_one_only(cache_dir, adapters):
-    model, _ = M.load_model(os.path.join(cache_dir, "tiny"), "none", torch.float32, "cpu", gradient_checkpointing=False)
+    model, _ = M.load_model(tiny_dir(cache_dir), "none", torch.float32, "cpu", gradient_checkpointing=False)
     with pytest.raises(ValueError, match="a DoRA adapter cannot be weighted"):
         infer.load_adapters(model, [adapters["lora"], adapters["dora"]], [0.5, 0.5])
-    model, _ = M.load_model(os.path.join(cache_dir, "tiny"), "none", torch.float32, "cpu", gradient_checkpointing=False)
+    model, _ = M.load_model(tiny_dir(cache_dir), "none", torch.float32, "cpu", gradient_checkpointing=False)
     assert infer.load_adapters(model, [adapters["dora"]], [1.0]) == ["a0"]
 
 
@@ -180,7 +173,7 @@ def test_a_dora_adapter_takes_weight_one_only(cache_dir, adapters):
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_greedy_output_equals_peft(kind, cache_dir, adapters, capsys):
-    tiny = os.path.join(cache_dir, "tiny")
+    tiny = tiny_dir(cache_dir)
     tok = M.load_tokenizer(tiny)
     prompt_ids = D.encode(tok, D.render_prompt(tok, PROMPT))  # the training prompt, as infer.py renders it
     theirs = greedy(peft_model(tiny, adapters[kind]), prompt_ids, 8)
@@ -193,7 +186,7 @@ def test_greedy_output_equals_peft(kind, cache_dir, adapters, capsys):
 
 def test_batch_predictions_equal_peft_one_by_one(cache_dir, adapters, tmp_path, capsys):
     """Batch mode left-pads prompts of different lengths together; each answer must be the unbatched one."""
-    tiny = os.path.join(cache_dir, "tiny")
+    tiny = tiny_dir(cache_dir)
     tok = M.load_tokenizer(tiny)
     records = D.load_records(os.path.join(ROOT, "data/clients/es.json"))[:5]
     data_file = write_records(tmp_path / "eval.jsonl", records)
@@ -258,7 +251,7 @@ def scripted_input(*lines):
 
 
 def test_chat_keeps_the_history_and_resets(cache_dir, monkeypatch):
-    tok = M.load_tokenizer(os.path.join(cache_dir, "tiny"))
+    tok = M.load_tokenizer(tiny_dir(cache_dir))
     prompts = []
 
     def fake_generate(model, tok_, batch, device, dtype, gen, streamer=None):

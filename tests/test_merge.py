@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
+from conftest import tiny_dir
 import infer
 import merge
 import model as M
-from test_infer import ROOT, adapters, cache_dir, fp32, run_main  # noqa: F401 (adapters, cache_dir: fixtures)
+from test_infer import ROOT, adapters, fp32, run_main  # noqa: F401 (adapters: a fixture)
 
 QUESTIONS = ["Give the opposite of the word happy.", "Classify: lion", "Translate into our language: cat"]
 
@@ -31,7 +32,7 @@ def relative_errors(cache_dir, quantization, dtype, dirs, weights, merged_dir):
     directory is opened with plain transformers; the reference is the project's unmerged model."""
     from transformers import AutoModelForCausalLM
 
-    tiny = os.path.join(cache_dir, "tiny")
+    tiny = tiny_dir(cache_dir)
     ref, tok = M.load_model(tiny, quantization, dtype, "cpu", gradient_checkpointing=False)
     infer.load_adapters(ref, dirs, weights)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
@@ -70,7 +71,7 @@ def test_merged_nf4_logits_close_to_base_plus_adapters(kind, cache_dir, adapters
     assert code == 0, err
     errors = relative_errors(cache_dir, "nf4", torch.float32, [adapters[kind]], None, out)
     assert max(errors) <= 1e-4, errors  # measured: ~1e-6, as close as the fp32 case
-    base = load_file(os.path.join(cache_dir, "tiny", "model.safetensors"))
+    base = load_file(os.path.join(tiny_dir(cache_dir), "model.safetensors"))
     merged = load_file(out / "model.safetensors")
     assert merged.keys() == base.keys()  # no 4-bit leftovers (absmax, quant_map, ...), no adapter tensors
     assert all(t.dtype == torch.float32 for t in merged.values())

@@ -10,20 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import data as D
+from conftest import tiny_dir
 import lora
 import model as M
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One tiny-model build for the whole session."""
-    d = tmp_path_factory.mktemp("cache")
-    M.build_tiny(os.path.join(d, "tiny"), D.demo_texts(os.path.join(ROOT, "data")))
-    return str(d)
 
 
 def small_run(cache_dir, out_dir, *extra):
@@ -93,8 +86,14 @@ def test_config_file_errors(tmp_path):
 # ---------------------------------------------------------------- loss and schedule
 
 
+def assert_close(a, b, rtol):
+    """Equal up to rtol times the largest magnitude: fp32 sums taken in another order differ slightly."""
+    err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+    assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+
+
 def tiny(cache_dir, quantization="none", dtype=torch.float32, checkpointing=False):
-    model, tok = M.load_model(os.path.join(cache_dir, "tiny"), quantization, dtype, "cpu", "eager", checkpointing)
+    model, tok = M.load_model(tiny_dir(cache_dir), quantization, dtype, "cpu", "eager", checkpointing)
     return model, tok
 
 
@@ -129,7 +128,7 @@ def test_chunked_loss_gradients_equal_full_cross_entropy(cache_dir):
     ref_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
     ref = torch.autograd.grad(ref_loss, list(lora.adapter_parameters(model, "default")))
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close(a, b, 1e-5)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -177,7 +176,7 @@ def test_gradient_accumulation_equals_one_big_batch(cache_dir):
                          [D.collate(g, tok.pad_token_id) for g in groups], torch.device("cpu"), torch.float32, 0)
         grads.append(opt.grads)
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert_close(a, b, 1e-5)
 
 
 def test_lr_schedule():
@@ -202,7 +201,7 @@ def test_run_writes_metrics_checkpoints_and_adapter(cache_dir, tmp_path, capsys)
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000003", "step_000006"]
     assert sorted(os.listdir(out / "checkpoints/step_000006")) == ["adapter", "config.yaml", "state.pt"]
     cfg = json.loads((out / "adapter/adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == os.path.join(cache_dir, "tiny")
+    assert cfg["base_model_name_or_path"] == tiny_dir(cache_dir)
     assert train.load_config(str(out / "config.yaml"))["train"]["max_steps"] == 6  # the resolved config
 
 
