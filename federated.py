@@ -1,0 +1,344 @@
+"""Federated fine-tuning with dual adapters, simulated serially on one GPU or CPU.
+
+    python federated.py config.yaml [section.key=value ...] [--resume]
+
+Every client holds private Alpaca-style data. The model carries two LoRA adapters on one frozen 4-bit
+base (FedDPA, Yang et al., "Dual-Personalizing Adapter for Federated Foundation Models", NeurIPS 2024):
+
+    global: trained by every client, averaged by the server (FedAvg weighted by sample counts)
+    local:  one per client, trained on that client alone; it never leaves the client
+
+Each round the server samples clients; each loads the current global state and its own local state,
+trains (federated.mode), and uploads only its global state and its sample count:
+
+    alternating  (FedDPA-T) the local adapter trains with the global one active but frozen,
+                 then the global adapter trains alone on the same data
+    joint        both adapters train together
+    global_only  plain FedAvg-LoRA (FedIT, Zhang et al. 2024), the baseline: no local adapter
+
+After aggregation every client is evaluated on its own eval split with the adapters global, local and
+global+local (eval loss, and exact match of greedy generations). Prompts that different clients answer
+differently (the demo's "translate" task) are reported apart: one averaged adapter cannot serve them all.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+
+import data as D
+import fedavg
+import lora
+import model as M
+import train
+
+VIEWS = {"global": ["global"], "local": ["local"], "global+local": ["global", "local"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clients
+
+
+def load_clients(cfg):
+    """{name: (train records, eval records)}: one file per client (data.clients), or train_file split."""
+    dc, seed = cfg["data"], cfg["train"]["seed"]
+    field_map = dc["field_map"] or None
+    if dc["clients"]:
+        names = [os.path.splitext(os.path.basename(p))[0] for p in dc["clients"]]
+        if len(set(names)) < len(names):
+            raise D.DataError(f"data.clients: two files share a name ({', '.join(names)}); names identify clients")
+        parts = [D.load_records(p, field_map) for p in dc["clients"]]
+    else:
+        records = D.load_records(dc["train_file"], field_map)
+        parts = D.partition(records, dc["num_clients"], dc["partition"], dc["dirichlet_alpha"], seed,
+                            dc["partition_key"])
+        names = [f"client_{i}" for i in range(len(parts))]
+    return {name: D.split_eval(recs, dc["eval_fraction"], seed) for name, recs in zip(names, parts)}
+
+
+def conflicting_prompts(clients):
+    """The (instruction, input) pairs that two clients answer differently."""
+    answers = {}
+    for train_recs, eval_recs in clients.values():
+        for r in train_recs + eval_recs:
+            answers.setdefault((r["instruction"], r["input"]), set()).add(r["output"])
+    return {prompt for prompt, outs in answers.items() if len(outs) > 1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# One client's turn
+
+
+def train_adapter(model, active, trainable, examples, steps, lr, cfg, seed, device, dtype, pad_id):
+    """train.py's optimizer step, `steps` times, on the `trainable` adapters with `active` ones on."""
+    tc = cfg["train"]
+    lora.set_active(model, active)
+    lora.mark_trainable(model, trainable)
+    params = list(lora.adapter_parameters(model, trainable))
+    optimizer = train.make_optimizer(params, lr, tc["weight_decay"], device)  # fresh each round, as in FedAvg
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches = train.batch_stream(examples, tc["batch_size"], seed, cfg["data"]["group_by_length"], pad_id)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        micro = [next(batches) for _ in range(tc["grad_accum"])]
+        loss, _ = train.train_step(model, params, optimizer, scaler, micro, device, dtype, tc["max_grad_norm"])
+        if loss is not None:
+            losses.append(loss)
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def client_update(model, mode, examples, lr, cfg, seed, device, dtype, pad_id):
+    """Train one client, whose global and local states are loaded; returns its last phase's mean loss."""
+    fc = cfg["federated"]
+    args = (examples, fc["global_steps"], lr, cfg, seed, device, dtype, pad_id)
+    if mode == "alternating":
+        train_adapter(model, ["global", "local"], ["local"], examples, fc["local_steps"], lr, cfg, seed + 1,
+                      device, dtype, pad_id)
+        return train_adapter(model, ["global"], ["global"], *args)
+    if mode == "joint":
+        return train_adapter(model, ["global", "local"], ["global", "local"], *args)
+    return train_adapter(model, ["global"], ["global"], *args)
+
+
+def is_finite(state):
+    return all(torch.isfinite(t).all() for t in state.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: eval loss and exact match of greedy generations, per client and adapter view
+
+
+def normalize(text):
+    return " ".join(text.split())
+
+
+@torch.no_grad()
+def evaluate_client(model, tok, records, examples, conflicts, cfg, device, dtype):
+    """{eval_loss, exact_match, n, conflict_exact_match, n_conflict} for the active adapters."""
+    metrics = train.evaluate(model, examples, cfg["train"]["batch_size"], tok.pad_token_id, device, dtype)
+    system = cfg["data"]["system_prompt"]
+    prompts = [D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"], system)) for r in records]
+    hits = []
+    for i in range(0, len(prompts), 32):
+        with train.autocast(device, dtype):
+            outs = M.generate(model, tok, prompts[i:i + 32], cfg["federated"]["max_new_tokens"])
+        hits += [normalize(tok.decode(o, skip_special_tokens=True)) == normalize(r["output"])
+                 for o, r in zip(outs, records[i:i + 32])]
+    in_conflict = [(r["instruction"], r["input"]) in conflicts for r in records]
+    n_conflict = sum(in_conflict)
+    return {"eval_loss": metrics["eval_loss"], "exact_match": sum(hits) / max(len(hits), 1), "n": len(hits),
+            "conflict_exact_match": sum(h for h, c in zip(hits, in_conflict) if c) / n_conflict if n_conflict else None,
+            "n_conflict": n_conflict}
+
+
+def print_table(rnd, rows, views):
+    """One line per client: exact match and eval loss for each adapter view."""
+    print(f"  {'client':<12}" + "".join(f"{v + ' EM/loss':>24}" for v in views))
+    for client, by_view in rows.items():
+        print(f"  {client:<12}" + "".join(f"{by_view[v]['exact_match']:>14.2f} {by_view[v]['eval_loss']:>9.3f}"
+                                          for v in views))
+
+
+def plot(out_dir, records, views):
+    """metrics.png: each client's exact match over rounds, one panel per adapter view (if matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(views), figsize=(5 * len(views), 3.5), squeeze=False)
+    for ax, view in zip(axes[0], views):
+        for client in sorted({r["client"] for r in records}):
+            pts = [(r["round"], r["exact_match"]) for r in records if r["client"] == client and r["adapters"] == view]
+            ax.plot(*zip(*pts), marker="o", label=client)
+        ax.set(title=view, xlabel="round", ylabel="exact match", ylim=(-0.02, 1.02))
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "metrics.png"), dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: <output_dir>/round_NNN/{global/, clients/<name>/local/, server.pt}, written atomically
+
+
+def save_round(out_dir, rnd, model, global_state, local_states, server, history, cfg, base_path, keep):
+    def write(tmp):
+        lora.load_adapter_state_dict(model, global_state, "global")
+        lora.save_adapter(model, os.path.join(tmp, "global"), "global", base_path)
+        for client, state in local_states.items():
+            lora.load_adapter_state_dict(model, state, "local")
+            lora.save_adapter(model, os.path.join(tmp, "clients", client, "local"), "local", base_path)
+        torch.save({"round": rnd, "server_optimizer": server.state_dict(), "history": history,
+                    "rng": train.rng_state()}, os.path.join(tmp, "server.pt"))
+        train.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
+
+    train.write_atomically(os.path.join(out_dir, f"round_{rnd:03d}"), write)
+    for old in completed_rounds(out_dir)[:-keep]:
+        shutil.rmtree(os.path.join(out_dir, old))
+
+
+def completed_rounds(out_dir):
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(n for n in names if n.startswith("round_") and "." not in n)
+
+
+def latest_round(out_dir):
+    done = completed_rounds(out_dir)
+    return os.path.join(out_dir, done[-1]) if done else None
+
+
+def load_round(path, clients):
+    """(round, global state, local states, server optimizer state, history) of a saved round."""
+    state = torch.load(os.path.join(path, "server.pt"), weights_only=False)
+    global_state = lora.read_adapter(os.path.join(path, "global"))[1]
+    local_states = {}
+    for client in clients:
+        local_dir = os.path.join(path, "clients", client, "local")
+        if os.path.isdir(local_dir):
+            local_states[client] = lora.read_adapter(local_dir)[1]
+    train.set_rng_state(state["rng"])
+    return state["round"], global_state, local_states, state["server_optimizer"], state["history"]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def check(cfg, clients):
+    """The federated settings that depend on the clients."""
+    fc = cfg["federated"]
+    per_round = max(1, round(fc["fraction"] * len(clients)))
+    if fc["min_clients"] > per_round:
+        raise train.ConfigError(f"federated.min_clients: {fc['min_clients']} is more than the {per_round} clients "
+                                f"sampled per round (federated.fraction={fc['fraction']} of {len(clients)})")
+    for name, (train_recs, eval_recs) in clients.items():
+        if not eval_recs:
+            raise train.ConfigError(f"client {name}: no eval records (raise data.eval_fraction)")
+
+
+def main(argv=None):
+    args = train.cli(__doc__.splitlines()[0], argv, lambda ap: ap.add_argument(
+        "--resume", action="store_true", help="continue from the last complete round"))
+    try:
+        cfg = train.load_config(args.config, args.overrides)
+        fc, lc, seed = cfg["federated"], cfg["lora"], cfg["train"]["seed"]
+        out_dir, mode = fc["output_dir"], fc["mode"]
+        previous = train.check_output_dir(out_dir, args.resume, cfg["train"]["overwrite"],
+                                          files=("metrics.jsonl", "config.yaml", "metrics.png", "round_*"),
+                                          latest=latest_round)
+        clients = load_clients(cfg)
+        check(cfg, clients)
+        train.quiet_libraries()
+        train.seed_everything(seed)
+        model, tok, base_path, device, dtype = train.load_base(cfg)
+        examples = {}
+        for name, (train_recs, eval_recs) in clients.items():
+            tokenize = lambda recs, what: D.tokenize_records(  # noqa: E731
+                tok, recs, cfg["data"]["max_seq_len"], cfg["data"]["system_prompt"], cfg["data"]["train_on_prompt"],
+                f"{name} {what}")
+            examples[name] = (tokenize(train_recs, "train"), tokenize(eval_recs, "eval"))
+            if not examples[name][0]:
+                raise D.DataError(f"client {name}: no training example fits data.max_seq_len")
+        names = ["global"] + ([] if mode == "global_only" else ["local"])
+        for name in names:
+            lora.inject(model, lc["target_modules"], name, lc["r"], lc["alpha"], lc["dropout"], lc["use_dora"],
+                        lc["use_rslora"])
+        server = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
+    except (train.ConfigError, D.DataError, M.ModelError, ValueError) as e:
+        train.fail(e)
+    train.clear_output_dir(out_dir, previous)
+    train.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
+    views = ["global"] if mode == "global_only" else list(VIEWS)
+    conflicts = conflicting_prompts(clients)
+    global_state = lora.adapter_state_dict(model, "global")
+    local_init = lora.adapter_state_dict(model, "local") if "local" in names else None
+    local_states = {c: local_init for c in clients} if local_init is not None else {}
+    history, start = [], 1
+    if args.resume:
+        last = latest_round(out_dir)
+        start, global_state, saved_locals, server_state, history = load_round(last, clients)
+        local_states.update(saved_locals)
+        server.load_state_dict(server_state)
+        start += 1
+        print(f"resumed after {os.path.basename(last)}")
+    logger = train.Logger(out_dir)
+    print(f"{len(clients)} clients ({', '.join(clients)}), mode {mode}, {fc['rounds']} rounds; "
+          f"{len(conflicts)} conflicting prompts; model {base_path} on {device} in {str(dtype).replace('torch.', '')}")
+
+    t_start = time.time()
+    for rnd in range(start, fc["rounds"] + 1):
+        t0 = time.time()
+        lr = train.lr_at(rnd - 1, fc["rounds"], 0, cfg["train"]["lr"], cfg["train"]["min_lr_ratio"])
+        sampled = fedavg.sample_clients(list(clients), rnd, seed, fraction=fc["fraction"])
+        uploads, weights, losses, failed = [], [], [], []
+        for ci, client in enumerate(sampled):
+            try:
+                lora.load_adapter_state_dict(model, global_state, "global")
+                if "local" in names:
+                    lora.load_adapter_state_dict(model, local_states[client], "local")
+                torch.manual_seed(seed * 1_000_003 + rnd * 1009 + ci)  # dropout: reproducible, also on resume
+                loss = client_update(model, mode, examples[client][0], lr, cfg, seed * 1009 + rnd * 31 + ci,
+                                     device, dtype, tok.pad_token_id)
+                upload = {k: v.cpu() for k, v in lora.adapter_state_dict(model, "global").items()}
+                if not is_finite(upload):
+                    raise FloatingPointError("its global adapter has NaN/inf values")
+            except Exception as e:  # a failing client must not take the federation down with it
+                print(f"  client {client} failed in round {rnd}: {type(e).__name__}: {e}; left out of the average")
+                failed.append(client)
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            uploads.append(upload)
+            weights.append(len(examples[client][0]))  # FedAvg weights: sample counts
+            losses.append(loss)
+            if "local" in names:  # the local adapter stays with its client (here: in this dict, on CPU)
+                local_states[client] = {k: v.cpu() for k, v in lora.adapter_state_dict(model, "local").items()}
+        ok = len(uploads) >= fc["min_clients"]
+        if ok:
+            global_state = server.step(global_state, fedavg.weighted_average(uploads, weights))
+        history.append({"round": rnd, "sampled": sampled, "failed": failed})
+
+        t_train = time.time() - t0
+        lora.load_adapter_state_dict(model, global_state, "global")
+        rows = {}
+        for client, (train_recs, eval_recs) in clients.items():
+            if "local" in names:
+                lora.load_adapter_state_dict(model, local_states[client], "local")
+            rows[client] = {}
+            for view in views:
+                lora.set_active(model, VIEWS[view])
+                m = evaluate_client(model, tok, eval_recs, examples[client][1], conflicts, cfg, device, dtype)
+                rows[client][view] = m
+                logger.log(round=rnd, client=client, adapters=view, **m)
+        summary = {"round": rnd, "clients": sampled, "succeeded": len(uploads), "failed": failed,
+                   "status": "ok" if ok else "failed", "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
+                   "train_loss": sum(losses) / len(losses) if losses else None, "lr": lr,
+                   "seconds": round(time.time() - t0, 2), "seconds_train": round(t_train, 2)}
+        for view in views:
+            summary[f"exact_match_{view}"] = sum(r[view]["exact_match"] for r in rows.values()) / len(rows)
+            conflict = [r[view]["conflict_exact_match"] for r in rows.values() if r[view]["n_conflict"]]
+            summary[f"conflict_exact_match_{view}"] = sum(conflict) / len(conflict) if conflict else None
+        logger.log(**summary)
+        status = "" if ok else f"  FAILED: {len(uploads)} < federated.min_clients; global adapter unchanged"
+        print(f"round {rnd}/{fc['rounds']}: {len(uploads)}/{len(sampled)} clients, uploaded "
+              f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}, "
+              f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}")
+        print_table(rnd, rows, views)
+        if conflicts and "global+local" in views:
+            print(f"  conflicting prompts, exact match: global {summary['conflict_exact_match_global']:.2f}, "
+                  f"global+local {summary['conflict_exact_match_global+local']:.2f}")
+        save_round(out_dir, rnd, model, global_state, local_states, server, history, cfg, base_path,
+                   cfg["train"]["keep_checkpoints"])
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
+    print(f"done in {time.time() - t_start:.0f}s; checkpoints in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
