@@ -72,13 +72,33 @@ def conflicting_prompts(clients):
 # One client's turn
 
 
-def train_adapter(model, active, trainable, examples, steps, lr, cfg, seed, device, dtype, pad_id):
-    """train.py's optimizer step, `steps` times, on the `trainable` adapters with `active` ones on."""
+def to_cpu(obj):
+    """A copy of a (nested) optimizer state with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    return obj
+
+
+def train_adapter(model, active, trainable, examples, steps, lr, cfg, seed, device, dtype, pad_id,
+                  optimizer_state=None):
+    """train.py's optimizer step, `steps` times, on the `trainable` adapters with `active` ones on.
+
+    A fresh AdamW each call unless optimizer_state (from an earlier call) is given. Returns
+    (mean loss, optimizer state on the CPU).
+    """
     tc = cfg["train"]
     lora.set_active(model, active)
     lora.mark_trainable(model, trainable)
     params = list(lora.adapter_parameters(model, trainable))
-    optimizer = train.make_optimizer(params, lr, tc["weight_decay"], device)  # fresh each round, as in FedAvg
+    optimizer = train.make_optimizer(params, lr, tc["weight_decay"], device)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:
+            group["lr"] = lr  # this round's learning rate, not the saved one
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batches = train.batch_stream(examples, tc["batch_size"], seed, cfg["data"]["group_by_length"], pad_id)
     model.train()
@@ -88,20 +108,27 @@ def train_adapter(model, active, trainable, examples, steps, lr, cfg, seed, devi
         loss, _ = train.train_step(model, params, optimizer, scaler, micro, device, dtype, tc["max_grad_norm"])
         if loss is not None:
             losses.append(loss)
-    return sum(losses) / len(losses) if losses else float("nan")
+    return sum(losses) / len(losses) if losses else float("nan"), to_cpu(optimizer.state_dict())
 
 
-def client_update(model, mode, examples, lr, cfg, seed, device, dtype, pad_id):
-    """Train one client, whose global and local states are loaded; returns its last phase's mean loss."""
+def client_update(model, mode, examples, lr, cfg, seed, device, dtype, pad_id, local_optimizer=None):
+    """Train one client, whose global and local states are loaded.
+
+    The global adapter gets a fresh AdamW every round, as in FedAvg: the server replaces its weights, so
+    old moments would not fit them. The local adapter is one long training that never leaves the client,
+    so its AdamW state stays with it (local_optimizer): a fresh Adam's first steps move every weight by
+    about lr whatever its gradient, which would shake a trained local adapter every round.
+    Returns (mean loss of the last phase, the local adapter's optimizer state or None).
+    """
     fc = cfg["federated"]
     args = (examples, fc["global_steps"], lr, cfg, seed, device, dtype, pad_id)
     if mode == "alternating":
-        train_adapter(model, ["global", "local"], ["local"], examples, fc["local_steps"], lr, cfg, seed + 1,
-                      device, dtype, pad_id)
-        return train_adapter(model, ["global"], ["global"], *args)
+        _, local_optimizer = train_adapter(model, ["global", "local"], ["local"], examples, fc["local_steps"], lr,
+                                           cfg, seed + 1, device, dtype, pad_id, local_optimizer)
+        return train_adapter(model, ["global"], ["global"], *args)[0], local_optimizer
     if mode == "joint":
-        return train_adapter(model, ["global", "local"], ["global", "local"], *args)
-    return train_adapter(model, ["global"], ["global"], *args)
+        return train_adapter(model, ["global", "local"], ["global", "local"], *args)[0], None
+    return train_adapter(model, ["global"], ["global"], *args)[0], None
 
 
 def is_finite(state):
@@ -167,13 +194,16 @@ def plot(out_dir, records, views):
 # Checkpoints: <output_dir>/round_NNN/{global/, clients/<name>/local/, server.pt}, written atomically
 
 
-def save_round(out_dir, rnd, model, global_state, local_states, server, history, cfg, base_path, keep):
+def save_round(out_dir, rnd, model, global_state, local_states, local_optimizers, server, history, cfg, base_path,
+               keep):
     def write(tmp):
         lora.load_adapter_state_dict(model, global_state, "global")
         lora.save_adapter(model, os.path.join(tmp, "global"), "global", base_path)
         for client, state in local_states.items():
             lora.load_adapter_state_dict(model, state, "local")
             lora.save_adapter(model, os.path.join(tmp, "clients", client, "local"), "local", base_path)
+            if client in local_optimizers:
+                torch.save(local_optimizers[client], os.path.join(tmp, "clients", client, "local_optimizer.pt"))
         torch.save({"round": rnd, "server_optimizer": server.state_dict(), "history": history,
                     "rng": train.rng_state()}, os.path.join(tmp, "server.pt"))
         train.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
@@ -194,16 +224,18 @@ def latest_round(out_dir):
 
 
 def load_round(path, clients):
-    """(round, global state, local states, server optimizer state, history) of a saved round."""
+    """(round, global state, local states, local optimizer states, server optimizer state, history)."""
     state = torch.load(os.path.join(path, "server.pt"), weights_only=False)
     global_state = lora.read_adapter(os.path.join(path, "global"))[1]
-    local_states = {}
+    local_states, local_optimizers = {}, {}
     for client in clients:
-        local_dir = os.path.join(path, "clients", client, "local")
-        if os.path.isdir(local_dir):
-            local_states[client] = lora.read_adapter(local_dir)[1]
+        client_dir = os.path.join(path, "clients", client)
+        if os.path.isdir(os.path.join(client_dir, "local")):
+            local_states[client] = lora.read_adapter(os.path.join(client_dir, "local"))[1]
+        if os.path.isfile(os.path.join(client_dir, "local_optimizer.pt")):
+            local_optimizers[client] = torch.load(os.path.join(client_dir, "local_optimizer.pt"), weights_only=False)
     train.set_rng_state(state["rng"])
-    return state["round"], global_state, local_states, state["server_optimizer"], state["history"]
+    return state["round"], global_state, local_states, local_optimizers, state["server_optimizer"], state["history"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,10 +290,10 @@ def main(argv=None):
     global_state = lora.adapter_state_dict(model, "global")
     local_init = lora.adapter_state_dict(model, "local") if "local" in names else None
     local_states = {c: local_init for c in clients} if local_init is not None else {}
-    history, start = [], 1
+    history, start, local_optimizers = [], 1, {}
     if args.resume:
         last = latest_round(out_dir)
-        start, global_state, saved_locals, server_state, history = load_round(last, clients)
+        start, global_state, saved_locals, local_optimizers, server_state, history = load_round(last, clients)
         local_states.update(saved_locals)
         server.load_state_dict(server_state)
         start += 1
@@ -282,8 +314,9 @@ def main(argv=None):
                 if "local" in names:
                     lora.load_adapter_state_dict(model, local_states[client], "local")
                 torch.manual_seed(seed * 1_000_003 + rnd * 1009 + ci)  # dropout: reproducible, also on resume
-                loss = client_update(model, mode, examples[client][0], lr, cfg, seed * 1009 + rnd * 31 + ci,
-                                     device, dtype, tok.pad_token_id)
+                loss, local_opt = client_update(model, mode, examples[client][0], lr, cfg,
+                                                seed * 1009 + rnd * 31 + ci, device, dtype, tok.pad_token_id,
+                                                local_optimizers.get(client))
                 upload = {k: v.cpu() for k, v in lora.adapter_state_dict(model, "global").items()}
                 if not is_finite(upload):
                     raise FloatingPointError("its global adapter has NaN/inf values")
@@ -299,6 +332,8 @@ def main(argv=None):
             losses.append(loss)
             if "local" in names:  # the local adapter stays with its client (here: in this dict, on CPU)
                 local_states[client] = {k: v.cpu() for k, v in lora.adapter_state_dict(model, "local").items()}
+                if local_opt is not None:
+                    local_optimizers[client] = local_opt
         ok = len(uploads) >= fc["min_clients"]
         if ok:
             global_state = server.step(global_state, fedavg.weighted_average(uploads, weights))
@@ -333,8 +368,8 @@ def main(argv=None):
         if conflicts and "global+local" in views:
             print(f"  conflicting prompts, exact match: global {summary['conflict_exact_match_global']:.2f}, "
                   f"global+local {summary['conflict_exact_match_global+local']:.2f}")
-        save_round(out_dir, rnd, model, global_state, local_states, server, history, cfg, base_path,
-                   cfg["train"]["keep_checkpoints"])
+        save_round(out_dir, rnd, model, global_state, local_states, local_optimizers, server, history, cfg,
+                   base_path, cfg["train"]["keep_checkpoints"])
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
     print(f"done in {time.time() - t_start:.0f}s; checkpoints in {out_dir}")

@@ -134,7 +134,7 @@ def test_too_few_clients_leave_the_global_adapter_unchanged(cache_dir, tmp_path,
     def nan_update(model, *a, **k):
         for p in lora.adapter_parameters(model, "global"):
             p.data.fill_(float("nan"))
-        return 0.0
+        return 0.0, None
 
     monkeypatch.setattr(federated, "client_update", nan_update)
     code, stdout, err = run_main(small_run(cache_dir, out, "federated.rounds=1", "federated.min_clients=2"), capsys)
