@@ -40,8 +40,8 @@ DEFAULTS = {
     "train": dict(output_dir="runs/train", seed=0, max_steps=400, batch_size=16, grad_accum=1, lr=3e-3,
                   weight_decay=0.0, warmup_steps=20, min_lr_ratio=0.1, max_grad_norm=1.0, eval_every=100,
                   save_every=100, keep_checkpoints=2, log_every=10, max_bad_steps=5, overwrite=False),
-    "federated": dict(output_dir="runs/federated", rounds=8, fraction=1.0, mode="alternating",
-                      local_steps=15, global_steps=15, min_clients=1, server_optimizer="fedavg",
+    "federated": dict(output_dir="runs/federated", rounds=12, fraction=1.0, mode="alternating",
+                      local_steps=8, global_steps=22, min_clients=1, server_optimizer="fedavg",
                       server_lr=1.0, max_new_tokens=8),
 }
 NULLABLE = {"data.eval_file": str, "data.system_prompt": str, "data.clients": list}  # keys whose default is None
