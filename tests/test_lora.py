@@ -1,6 +1,5 @@
 """lora.py against trusted references: dense float64 formulas, and PEFT where it is installed."""
 
-import copy
 import json
 
 import pytest
