@@ -24,13 +24,13 @@ differently (the demo's "translate" task) are reported apart: one averaged adapt
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
 
 import data as D
 import fedavg
+import infer
 import lora
 import model as M
 import train
@@ -139,22 +139,13 @@ def is_finite(state):
 # Evaluation: eval loss and exact match of greedy generations, per client and adapter view
 
 
-def normalize(text):
-    return " ".join(text.split())
-
-
 @torch.no_grad()
 def evaluate_client(model, tok, records, examples, conflicts, cfg, device, dtype):
     """{eval_loss, exact_match, n, conflict_exact_match, n_conflict} for the active adapters."""
     metrics = train.evaluate(model, examples, cfg["train"]["batch_size"], tok.pad_token_id, device, dtype)
-    system = cfg["data"]["system_prompt"]
-    prompts = [D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"], system)) for r in records]
-    hits = []
-    for i in range(0, len(prompts), 32):
-        with train.autocast(device, dtype):
-            outs = M.generate(model, tok, prompts[i:i + 32], cfg["federated"]["max_new_tokens"])
-        hits += [normalize(tok.decode(o, skip_special_tokens=True)) == normalize(r["output"])
-                 for o, r in zip(outs, records[i:i + 32])]
+    greedy = dict(max_new_tokens=cfg["federated"]["max_new_tokens"], temperature=0.0, top_p=1.0)
+    answers = infer.predict(model, tok, records, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False)
+    hits = [infer.exact_match(a, r["output"]) for a, r in zip(answers, records)]
     in_conflict = [(r["instruction"], r["input"]) in conflicts for r in records]
     n_conflict = sum(in_conflict)
     return {"eval_loss": metrics["eval_loss"], "exact_match": sum(hits) / max(len(hits), 1), "n": len(hits),
@@ -209,13 +200,11 @@ def save_round(out_dir, rnd, model, global_state, local_states, local_optimizers
         train.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
 
     train.write_atomically(os.path.join(out_dir, f"round_{rnd:03d}"), write)
-    for old in completed_rounds(out_dir)[:-keep]:
-        shutil.rmtree(os.path.join(out_dir, old))
+    train.keep_latest(out_dir, "round_", keep)
 
 
 def completed_rounds(out_dir):
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    return sorted(n for n in names if n.startswith("round_") and "." not in n)
+    return train.completed(out_dir, "round_")
 
 
 def latest_round(out_dir):

@@ -119,14 +119,15 @@ def generate(model, tok, prompts, device, dtype, gen, streamer=None):
         return M.generate(model, tok, prompts, streamer=streamer, **gen)
 
 
-def predict(model, tok, records, system_prompt, device, dtype, gen) -> list:
+def predict(model, tok, records, system_prompt, device, dtype, gen, progress=True) -> list:
     """One predicted answer per record, generated in batches of prompts of similar length."""
     from tqdm import tqdm
 
     prompts = [D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"], system_prompt)) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less left padding per batch
     answers = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), GEN_BATCH), desc="predicting", disable=None, file=sys.stderr):
+    batches = range(0, len(order), GEN_BATCH)
+    for start in tqdm(batches, desc="predicting", disable=None if progress else True, file=sys.stderr):
         idx = order[start:start + GEN_BATCH]
         for i, new in zip(idx, generate(model, tok, [prompts[i] for i in idx], device, dtype, gen)):
             answers[i] = tok.decode(new, skip_special_tokens=True).strip()

@@ -302,14 +302,24 @@ def save_checkpoint(out_dir, step, model, optimizer, scaler, cfg, base_path, kee
         save_yaml(cfg, os.path.join(tmp, "config.yaml"))
 
     write_atomically(os.path.join(ckpt_dir, f"step_{step:06d}"), write)
-    for old in sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and "." not in d)[:-keep]:
-        shutil.rmtree(os.path.join(ckpt_dir, old))
+    keep_latest(ckpt_dir, "step_", keep)
+
+
+def completed(parent, prefix):
+    """Names of the complete checkpoint directories prefix* in parent, oldest first (write_atomically's
+    .tmp and .old names are never complete)."""
+    names = os.listdir(parent) if os.path.isdir(parent) else []
+    return sorted(n for n in names if n.startswith(prefix) and "." not in n)
+
+
+def keep_latest(parent, prefix, keep):
+    for old in completed(parent, prefix)[:-keep]:
+        shutil.rmtree(os.path.join(parent, old))
 
 
 def latest_checkpoint(out_dir):
     ckpt_dir = os.path.join(out_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step_") and "." not in d) \
-        if os.path.isdir(ckpt_dir) else []
+    done = completed(ckpt_dir, "step_")
     return os.path.join(ckpt_dir, done[-1]) if done else None
 
 

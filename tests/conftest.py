@@ -7,6 +7,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 
 
+def run_main(main, argv, capsys):
+    """An entry point's main(argv) in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def tiny_dir(cache_dir):
     """The tiny model's directory under a model.cache_dir, as train.py resolves model.name_or_path=tiny
     (built there on first use)."""

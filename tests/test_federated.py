@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import federated
+from conftest import run_main
 import fedavg
 import lora
 
@@ -20,16 +21,6 @@ def small_run(cache_dir, out_dir, *extra):
     return [CONFIG, f"model.cache_dir={cache_dir}", f"federated.output_dir={out_dir}", "federated.rounds=2",
             "federated.local_steps=2", "federated.global_steps=2", "federated.max_new_tokens=4",
             "train.batch_size=4", f"data.clients=[{', '.join(CLIENTS)}]", *extra]
-
-
-def run_main(argv, capsys):
-    try:
-        federated.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def events(out_dir):
@@ -48,7 +39,7 @@ def assert_same_adapter(a, b):
 
 def test_demo_run_metrics_and_checkpoints(cache_dir, tmp_path, capsys):
     out = tmp_path / "fed"
-    code, stdout, err = run_main(small_run(cache_dir, out), capsys)
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, out), capsys)
     assert code == 0, err
     records = events(out)
     per_client = [r for r in records if "client" in r]
@@ -71,7 +62,7 @@ def test_demo_run_metrics_and_checkpoints(cache_dir, tmp_path, capsys):
 
 def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert run_main(small_run(cache_dir, full), capsys)[0] == 0
+    assert run_main(federated.main, small_run(cache_dir, full), capsys)[0] == 0
     real = federated.client_update
     calls = []
 
@@ -86,7 +77,7 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
         federated.main(small_run(cache_dir, cut))
     monkeypatch.setattr(federated, "client_update", real)
     assert federated.completed_rounds(cut) == ["round_001"]
-    code, stdout, err = run_main(small_run(cache_dir, cut) + ["--resume"], capsys)
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, cut) + ["--resume"], capsys)
     assert code == 0, err
     assert "resumed after round_001" in stdout
     assert_same_adapter(full / "round_002/global", cut / "round_002/global")
@@ -116,7 +107,7 @@ def test_a_failing_client_is_left_out(cache_dir, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(federated.D, "tokenize_records", remember)
     monkeypatch.setattr(federated, "client_update", fail_on_de)
-    code, stdout, err = run_main(small_run(cache_dir, out, "federated.rounds=1"), capsys)
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1"), capsys)
     assert code == 0, err
     assert "client de failed in round 1: RuntimeError: CUDA out of memory (simulated); left out" in stdout
     summary = [r for r in events(out) if "uploaded_bytes" in r][0]
@@ -137,7 +128,7 @@ def test_too_few_clients_leave_the_global_adapter_unchanged(cache_dir, tmp_path,
         return 0.0, None
 
     monkeypatch.setattr(federated, "client_update", nan_update)
-    code, stdout, err = run_main(small_run(cache_dir, out, "federated.rounds=1", "federated.min_clients=2"), capsys)
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1", "federated.min_clients=2"), capsys)
     assert code == 0, err
     assert stdout.count("has NaN/inf values; left out") == 3
     assert "FAILED: 0 < federated.min_clients; global adapter unchanged" in stdout
@@ -150,7 +141,7 @@ def test_too_few_clients_leave_the_global_adapter_unchanged(cache_dir, tmp_path,
 
 def test_global_only_mode_has_no_local_adapter(cache_dir, tmp_path, capsys):
     out = tmp_path / "fed"
-    code, stdout, err = run_main(small_run(cache_dir, out, "federated.rounds=1", "federated.mode=global_only"),
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1", "federated.mode=global_only"),
                                  capsys)
     assert code == 0, err
     assert {r["adapters"] for r in events(out) if "client" in r} == {"global"}
@@ -159,7 +150,7 @@ def test_global_only_mode_has_no_local_adapter(cache_dir, tmp_path, capsys):
 
 def test_dirichlet_clients_from_one_file(cache_dir, tmp_path, capsys):
     out = tmp_path / "fed"
-    code, stdout, err = run_main(small_run(cache_dir, out, "federated.rounds=1", "data.clients=null",
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1", "data.clients=null",
                                            "data.partition=dirichlet", "data.num_clients=3",
                                            f"data.train_file={os.path.join(ROOT, 'data/demo.json')}"), capsys)
     assert code == 0, err
@@ -175,7 +166,7 @@ def test_dirichlet_clients_from_one_file(cache_dir, tmp_path, capsys):
     ("federated.min_clients=4", "federated.min_clients: 4 is more than the 3 clients sampled per round"),
 ])
 def test_bad_federated_input_gives_one_clear_line(override, message, cache_dir, tmp_path, capsys):
-    code, _, err = run_main(small_run(cache_dir, tmp_path / "fed", override), capsys)
+    code, _, err = run_main(federated.main, small_run(cache_dir, tmp_path / "fed", override), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert __import__("re").search(message, lines[0]), lines[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data as D
-from conftest import tiny_dir
+from conftest import run_main, tiny_dir
 import infer
 import lora
 import model as M
@@ -61,17 +61,6 @@ def fp32(cache_dir):
     """Overrides for the tiny base unquantized in float32 on the CPU: results exact enough to compare."""
     return [CONFIG, f"model.cache_dir={cache_dir}", "model.quantization=none", "model.compute_dtype=float32",
             "model.device=cpu"]
-
-
-def run_main(main, argv, capsys):
-    """An entry point's main in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_records(path, records):

@@ -182,11 +182,16 @@ def test_zero_rows_give_no_nan():
     assert torch.isfinite(m.lora_magnitude["default"].grad).all()
 
 
-def test_two_adapters_sum_and_set_active():
+def one_layer_model():
+    """(a model whose only layer is a q_proj, an input, its output without adapters)."""
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(24, 16))
     x = torch.randn(3, 24)
-    base_out = model(x)
+    return model, x, model(x)
+
+
+def test_two_adapters_sum_and_set_active():
+    model, x, base_out = one_layer_model()
     lora.inject(model, ["q_proj"], name="a", r=4, alpha=8)
     lora.inject(model, ["q_proj"], name="b", r=2, alpha=4, use_dora=True)
     randomize(model.named_parameters())
@@ -212,10 +217,7 @@ def test_wrapping_keeps_the_models_train_or_eval_mode():
 
 
 def test_scale_adapter():
-    model = nn.Sequential()
-    model.add_module("q_proj", nn.Linear(24, 16))
-    x = torch.randn(3, 24)
-    base_out = model(x)
+    model, x, base_out = one_layer_model()
     lora.inject(model, ["q_proj"], name="a", r=4, alpha=8)
     randomize(model.named_parameters())
     full = model(x)

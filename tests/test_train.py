@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import data as D
-from conftest import tiny_dir
+from conftest import run_main, tiny_dir
 import lora
 import model as M
 import train
@@ -25,16 +25,6 @@ def small_run(cache_dir, out_dir, *extra):
             "train.batch_size=4", "train.eval_every=3", "train.save_every=3", "train.log_every=1",
             "train.warmup_steps=2", f"data.train_file={os.path.join(ROOT, 'data/clients/fr.json')}",
             "data.eval_fraction=0.05", *extra]
-
-
-def run_main(argv, capsys):
-    """train.main in-process; returns (exit code, stderr)."""
-    try:
-        train.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- config
@@ -191,7 +181,7 @@ def test_lr_schedule():
 
 def test_run_writes_metrics_checkpoints_and_adapter(cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run_main(small_run(cache_dir, out), capsys)
+    code, _, err = run_main(train.main, small_run(cache_dir, out), capsys)
     assert code == 0, err
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in events if "eval_loss" in e]
@@ -208,7 +198,7 @@ def test_run_writes_metrics_checkpoints_and_adapter(cache_dir, tmp_path, capsys)
 def test_adapter_opens_in_peft_on_the_recorded_base(cache_dir, tmp_path, capsys):
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"
-    assert run_main(small_run(cache_dir, out, "train.max_steps=3", "lora.use_dora=true"), capsys)[0] == 0
+    assert run_main(train.main, small_run(cache_dir, out, "train.max_steps=3", "lora.use_dora=true"), capsys)[0] == 0
     theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter"), dtype=torch.float32).eval()
     ours, tok = tiny(cache_dir)
     lora.load_adapter(ours, str(out / "adapter"))
@@ -221,7 +211,7 @@ def test_adapter_opens_in_peft_on_the_recorded_base(cache_dir, tmp_path, capsys)
 def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     extra = ("lora.use_dora=true", "train.grad_accum=2", "train.keep_checkpoints=5")  # dropout 0.05 is on
-    assert run_main(small_run(cache_dir, full, *extra), capsys)[0] == 0
+    assert run_main(train.main, small_run(cache_dir, full, *extra), capsys)[0] == 0
     real_step, calls = train.train_step, []
 
     def crash_on_fifth(*a, **k):
@@ -235,7 +225,7 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
         train.main(small_run(cache_dir, cut, *extra))
     monkeypatch.setattr(train, "train_step", real_step)
     assert sorted(os.listdir(cut / "checkpoints")) == ["step_000003"]
-    assert run_main(small_run(cache_dir, cut, *extra) + ["--resume"], capsys)[0] == 0
+    assert run_main(train.main, small_run(cache_dir, cut, *extra) + ["--resume"], capsys)[0] == 0
     for sub in ("adapter", "checkpoints/step_000006/adapter"):
         a = lora.read_adapter(str(full / sub))[1]
         b = lora.read_adapter(str(cut / sub))[1]
@@ -244,21 +234,21 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
 
 def test_second_run_into_the_same_directory_refuses(cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_main(small_run(cache_dir, out, "train.max_steps=1"), capsys)[0] == 0
+    assert run_main(train.main, small_run(cache_dir, out, "train.max_steps=1"), capsys)[0] == 0
     before = (out / "adapter/adapter_model.safetensors").read_bytes()
-    code, err = run_main(small_run(cache_dir, out, "train.max_steps=1"), capsys)
+    code, _, err = run_main(train.main, small_run(cache_dir, out, "train.max_steps=1"), capsys)
     assert code == 2 and "already holds a run" in err and "--resume" in err and "train.overwrite=true" in err
     # a bad input with overwrite=true must not delete the earlier run either
-    code, err = run_main(small_run(cache_dir, out, "train.overwrite=true", "data.train_file=/nope.json"), capsys)
+    code, _, err = run_main(train.main, small_run(cache_dir, out, "train.overwrite=true", "data.train_file=/nope.json"), capsys)
     assert code == 2 and (out / "adapter/adapter_model.safetensors").read_bytes() == before
-    assert run_main(small_run(cache_dir, out, "train.max_steps=1", "train.overwrite=true"), capsys)[0] == 0
+    assert run_main(train.main, small_run(cache_dir, out, "train.max_steps=1", "train.overwrite=true"), capsys)[0] == 0
 
 
 def test_nonfinite_loss_skips_then_stops(cache_dir, tmp_path, capsys, monkeypatch):
     real = train.loss_sum
     monkeypatch.setattr(train, "loss_sum", lambda m, b, **k: (real(m, b)[0] * float("nan"), 1)
                         if m.training else real(m, b, **k))
-    code, err = run_main(small_run(cache_dir, tmp_path / "run", "train.max_bad_steps=3"), capsys)
+    code, _, err = run_main(train.main, small_run(cache_dir, tmp_path / "run", "train.max_bad_steps=3"), capsys)
     assert code == 2
     assert err.count("loss is NaN/inf, step skipped") >= 2
     assert "the loss was NaN/inf for 3 steps in a row" in err
@@ -297,7 +287,7 @@ def test_bad_input_gives_one_clear_line(case, message, cache_dir, tmp_path, caps
              "unknown_key": ["train.epochs=3"], "bad_value": ["lora.dropout=-0.1"]}.get(case, [])
     if case in files:
         extra = [f"data.train_file={write(bad, files[case])}"]
-    code, err = run_main(small_run(cache_dir, tmp_path / "run", *extra), capsys)
+    code, _, err = run_main(train.main, small_run(cache_dir, tmp_path / "run", *extra), capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
