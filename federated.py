@@ -84,21 +84,22 @@ def to_cpu(obj):
 
 
 def train_adapter(model, active, trainable, examples, steps, lr, cfg, seed, device, dtype, pad_id,
-                  optimizer_state=None):
+                  optimizer_state=None, weight_decay=None):
     """train.py's optimizer step, `steps` times, on the `trainable` adapters with `active` ones on.
 
-    A fresh AdamW each call unless optimizer_state (from an earlier call) is given. Returns
-    (mean loss, optimizer state on the CPU).
+    A fresh AdamW each call unless optimizer_state (from an earlier call) is given; its weight decay is
+    train.weight_decay unless weight_decay is given. Returns (mean loss, optimizer state on the CPU).
     """
     tc = cfg["train"]
+    weight_decay = tc["weight_decay"] if weight_decay is None else weight_decay
     lora.set_active(model, active)
     lora.mark_trainable(model, trainable)
     params = list(lora.adapter_parameters(model, trainable))
-    optimizer = train.make_optimizer(params, lr, tc["weight_decay"], device)
+    optimizer = train.make_optimizer(params, lr, weight_decay, device)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
         for group in optimizer.param_groups:
-            group["lr"] = lr  # this round's learning rate, not the saved one
+            group["lr"], group["weight_decay"] = lr, weight_decay  # this round's, not the saved ones
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batches = train.batch_stream(examples, tc["batch_size"], seed, cfg["data"]["group_by_length"], pad_id)
     model.train()
@@ -118,13 +119,19 @@ def client_update(model, mode, examples, lr, cfg, seed, device, dtype, pad_id, l
     old moments would not fit them. The local adapter is one long training that never leaves the client,
     so its AdamW state stays with it (local_optimizer): a fresh Adam's first steps move every weight by
     about lr whatever its gradient, which would shake a trained local adapter every round.
+    The local adapter also gets its own (strong) decoupled weight decay, federated.local_weight_decay:
+    wherever the global adapter has learned to answer, the local one gets no gradient and decays to
+    zero, so it keeps only what its client does differently. Without it, answers it memorised in the
+    first rounds (before the global adapter knew them) stay and override the global adapter on prompts
+    this client never saw.
     Returns (mean loss of the last phase, the local adapter's optimizer state or None).
     """
     fc = cfg["federated"]
     args = (examples, fc["global_steps"], lr, cfg, seed, device, dtype, pad_id)
     if mode == "alternating":
         _, local_optimizer = train_adapter(model, ["global", "local"], ["local"], examples, fc["local_steps"], lr,
-                                           cfg, seed + 1, device, dtype, pad_id, local_optimizer)
+                                           cfg, seed + 1, device, dtype, pad_id, local_optimizer,
+                                           fc["local_weight_decay"])
         return train_adapter(model, ["global"], ["global"], *args)[0], local_optimizer
     if mode == "joint":
         return train_adapter(model, ["global", "local"], ["global", "local"], *args)[0], None

@@ -41,7 +41,7 @@ DEFAULTS = {
                   weight_decay=0.0, warmup_steps=20, min_lr_ratio=0.1, max_grad_norm=1.0, eval_every=100,
                   save_every=100, keep_checkpoints=2, log_every=10, max_bad_steps=5, overwrite=False),
     "federated": dict(output_dir="runs/federated", rounds=12, fraction=1.0, mode="alternating",
-                      local_steps=8, global_steps=22, min_clients=1, server_optimizer="fedavg",
+                      local_steps=8, global_steps=22, local_weight_decay=5.0, min_clients=1, server_optimizer="fedavg",
                       server_lr=1.0, max_new_tokens=8),
 }
 NULLABLE = {"data.eval_file": str, "data.system_prompt": str, "data.clients": list}  # keys whose default is None
@@ -65,6 +65,7 @@ RULES = {  # key: (test, what it must be)
     "train.max_bad_steps": (lambda v: v >= 1, ">= 1"),
     "federated.rounds": (lambda v: v >= 1, ">= 1"), "federated.fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "federated.local_steps": (lambda v: v >= 1, ">= 1"), "federated.global_steps": (lambda v: v >= 1, ">= 1"),
+    "federated.local_weight_decay": (lambda v: v >= 0, ">= 0"),
     "federated.min_clients": (lambda v: v >= 1, ">= 1"), "federated.server_lr": (lambda v: v > 0, "> 0"),
     "federated.max_new_tokens": (lambda v: v >= 1, ">= 1"),
 }

@@ -160,6 +160,7 @@ def test_dirichlet_clients_from_one_file(cache_dir, tmp_path, capsys):
 @pytest.mark.parametrize("override, message", [
     ("federated.rounds=0", "federated.rounds: must be >= 1, got 0"),
     ("federated.fraction=0", r"federated.fraction: must be in \(0, 1\], got 0"),
+    ("federated.local_weight_decay=-1", "federated.local_weight_decay: must be >= 0, got -1"),
     ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
     ("data.dirichlet_alpha=0", "data.dirichlet_alpha: must be > 0, got 0"),
     ("data.clients=[data/clients/fr.json, /nope/xx.json]", "/nope/xx.json: file not found"),
