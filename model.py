@@ -217,9 +217,12 @@ def build_tiny(out_dir, texts, seed=0):
 
     tokenizer = train_tokenizer(texts)
     config = tiny_config(tokenizer)
-    torch.manual_seed(seed)  # the random init is the model, so it must be reproducible
-    model = Qwen2ForCausalLM(config).float()
-    torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # |w| ~ 1.6: logits up to ~25 (see tiny_config)
+    # The random init is the model, so it must be reproducible; fork_rng keeps the caller's random state
+    # as it was, so a run that builds the model trains exactly like one that finds it cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).float()
+        torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # |w| ~ 1.6: logits up to ~25 (see tiny_config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )

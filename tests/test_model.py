@@ -60,7 +60,11 @@ def test_build_tiny_is_deterministic_and_built_once(tiny, texts, tmp_path):
     assert M.build_tiny(tiny, texts) == tiny  # second call: reuse, no rebuild
     assert [os.path.getmtime(f) for f in files] == mtimes
 
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     other = M.build_tiny(str(tmp_path / "again"), texts)
+    assert torch.equal(torch.rand(3), expected)  # building leaves the caller's random state alone (dropout)
     a, b = load_file(os.path.join(tiny, "model.safetensors")), load_file(os.path.join(other, "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float32 for k in a)
