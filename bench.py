@@ -1,13 +1,29 @@
-"""Benchmarks, measured as ratios inside one run (the implementations alternate, so machine noise hits
-all of them alike).
+"""Benchmarks, measured as ratios inside one run: the implementations take turns step by step, so
+machine noise hits them alike.
 
-    python bench.py --layer            # one NF4 linear layer: our LoRA vs our DoRA vs PEFT's DoRA
+    python bench.py --hidden 512 --layers 4 --vocab 32000 --compare-peft [--dora] [--json]
+    python bench.py --preset 7b --seq 1024 --batch 1 --compare-peft     # on a GPU
+    python bench.py --layer --compare-peft                             # one NF4 linear layer
+
+The model benchmark trains a random-init Qwen2-architecture model (built once, cached on disk) with
+this project's code path: model.load_model (NF4, gradient checkpointing), lora.inject (r=16, alpha=32
+on all seven projections) and train.train_step, on random tokens whose first half is masked as the
+prompt. --compare-peft runs the standard PEFT recipe on the same weights at the same compute dtype:
+transformers' BitsAndBytesConfig loading, prepare_model_for_kbit_training, get_peft_model, and
+model(..., labels=...).loss. Each implementation lives in its own process (so peak memory is its own)
+and they alternate steps. peak_mib is torch.cuda.max_memory_allocated on a GPU, the peak resident set
+size on a CPU, both from the first training step on (model loading not included).
 
 peft is used here only as the reference we compare against.
 """
 
 import argparse
+import ctypes
+import gc
+import hashlib
 import json
+import multiprocessing as mp
+import os
 import statistics
 import time
 
@@ -15,6 +31,19 @@ import torch
 import torch.nn as nn
 
 import lora
+import model as M
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Qwen2.5 dimensions (config.json of each model); "tiny" is the embedded default's shape
+PRESETS = {
+    "tiny": dict(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=2, vocab=2048, tied=False),
+    "0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936, tied=True),
+    "1.5b": dict(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, vocab=151936, tied=True),
+    "7b": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tied=False),
+}
+# dense bf16 peak of a GPU, TFLOP/s, for MFU (matched against torch.cuda.get_device_name)
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
+                   "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
 def nf4_linear(in_f, out_f, compute_dtype, seed=0):
@@ -49,8 +78,8 @@ def layer_impls(args, dtype):
 
 
 def bench_layer(args):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = M.resolve_dtype(args.dtype, device)
     impls = layer_impls(args, dtype)
     x = torch.randn(args.batch, args.seq, args.hidden, device=device)
     times = {k: [] for k in impls}
@@ -71,27 +100,306 @@ def bench_layer(args):
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(json.dumps({"impl": k, "ms": round(v * 1e3, 2), "tokens": args.batch * args.seq, "dtype": args.dtype,
+        print(json.dumps({"impl": k, "ms": round(v * 1e3, 2), "tokens": args.batch * args.seq,
+                          "dtype": str(dtype).replace("torch.", ""),
                           "device": device, "hidden": args.hidden, "r": args.r}))
     print(f"ours-dora / ours-lora = {med['ours-dora'] / med['ours-lora']:.2f}x")
     if "peft-dora" in med:
         print(f"peft-dora / ours-dora = {med['peft-dora'] / med['ours-dora']:.2f}x")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Whole-model training benchmark
+
+
+def model_shape(args):
+    """The model's dimensions from --preset, or from --hidden/--layers/--vocab with Qwen2-like ratios."""
+    if args.preset:
+        return dict(PRESETS[args.preset])
+    heads = max(1, args.hidden // 64)  # head_dim 64, as in Qwen2.5-0.5B
+    return dict(hidden=args.hidden, intermediate=args.intermediate or 64 * round(args.hidden * 5.3 / 64),
+                layers=args.layers, heads=heads, kv_heads=2 if heads % 2 == 0 else 1, vocab=args.vocab, tied=False)
+
+
+def build_model(shape, cache_dir):
+    """A random-init Qwen2 of `shape`, saved in bf16 under cache_dir once; returns its directory.
+
+    It loads through the same from_pretrained path as a real model; the tokenizer is the tiny model's
+    (the benchmark feeds random ids, so only its special tokens matter)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    key = "-".join(f"{k}{int(v)}" for k, v in sorted(shape.items()))
+    path = os.path.abspath(os.path.join(cache_dir, "bench-" + hashlib.sha1(key.encode()).hexdigest()[:10]))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    import data as D
+
+    tok = M.train_tokenizer(D.demo_texts(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")))
+    pad, eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         tie_word_embeddings=shape["tied"], max_position_embeddings=32768,
+                         bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
+    print(f"building a random {key} model in {path} (once)", flush=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # a 7B model in fp32 would need 30 GB to build
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    tmp = path + f".tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def random_batch(shape, args, device):
+    """Random token ids, --batch rows of --seq; the first half of each row is the prompt (labels -100)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, shape["vocab"], (args.batch, args.seq), generator=g)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
+def peak_reset(device):
+    """Start measuring peak memory now: CUDA's allocator peak, or the process's peak RSS (VmHWM)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap (model loading) back to the OS
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def peak_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak since start (kB on Linux)
+
+
+def ours(path, args, device, dtype, dora, compile=False):
+    """This project's path: model.load_model, lora.inject, train.train_step. Returns step()."""
+    import train
+
+    model, _ = M.load_model(path, "none" if args.no_quant else "nf4", dtype, device, args.attention, True)
+    lora.inject(model, SEVEN, "default", r=args.r, alpha=2 * args.r, dropout=0.0, use_dora=dora)
+    lora.mark_trainable(model, ["default"])
+    if compile:
+        for layer in model.model.layers:
+            layer.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.make_optimizer(params, 1e-4, 0.0, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    model.train()
+    return lambda batch: train.train_step(model, params, optimizer, scaler, [batch], device, dtype, 1.0)
+
+
+def peft_recipe(path, args, device, dtype, dora):
+    """The standard QLoRA recipe (PEFT's and transformers' docs). Returns step()."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if not args.no_quant:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
+                                                 attn_implementation=M.resolve_attention(args.attention, device),
+                                                 **kwargs)
+    model.config.use_cache = False
+    if not args.no_quant:
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()), "transformers did not load 4-bit"
+    if args.no_quant:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    else:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules=SEVEN,
+                             bias="none", task_type="CAUSAL_LM", use_dora=dora)
+    model = peft.get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    model.train()
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def worker(impl, variant, path, shape, args, conn):
+    """One implementation in its own process: set up, then one timed step per "step" message."""
+    import warnings
+
+    import train
+
+    train.quiet_libraries()
+    warnings.filterwarnings("ignore")  # deprecation notices from PEFT's and transformers' paths
+    device = M.resolve_device(args.device)
+    dtype = M.resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    dora = variant == "dora"
+    if impl == "peft":
+        step = peft_recipe(path, args, device, dtype, dora)
+    else:
+        step = ours(path, args, device, dtype, dora, compile=impl == "ours+compile")
+    batch = random_batch(shape, args, device)
+    peak_reset(device)
+    conn.send(("ready", str(dtype).replace("torch.", ""), device.type))
+    while conn.recv() == "step":
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        conn.send(time.perf_counter() - t)
+    conn.send(peak_mib(device))
+
+
+def model_flops_per_token(shape, args):
+    """Model FLOPs of one training token (no recomputation counted): forward 2N and the input gradient
+    2N for the frozen linear layers, 6N for the adapters, attention scores both ways, and lm_head on
+    the labelled half (the loss needs no other logits)."""
+    h, i, kv, L = shape["hidden"], shape["intermediate"], shape["kv_heads"], shape["layers"]
+    hd = h // shape["heads"]
+    base = L * (2 * h * h + 2 * h * kv * hd + 3 * h * i)
+    adapters = L * args.r * (2 * (h + h) + 2 * (h + kv * hd) + 3 * (h + i))
+    attention = L * 2 * 2 * args.seq * h  # QK^T and AV, causal (half), forward + input gradient
+    head = 0.5 * h * shape["vocab"]
+    return 4 * base + 6 * adapters + attention + 4 * head
+
+
+def bench_model(args):
+    shape = model_shape(args)
+    device = M.resolve_device(args.device)
+    path = build_model(shape, args.cache_dir)
+    variants = ["lora", "dora"] if args.dora_vs_lora else ["dora" if args.dora else "lora"]
+    impls = ["ours"] + (["ours+compile"] if args.compile else []) + (["peft"] if args.compare_peft else [])
+    runs = [(impl, v) for v in variants for impl in impls]
+    ctx = mp.get_context("spawn")
+    procs, conns, info = {}, {}, {}
+    for run in runs:  # set up one after the other: loading is not what we measure
+        here, there = ctx.Pipe()
+        procs[run] = ctx.Process(target=worker, args=(*run, path, shape, args, there), daemon=True)
+        procs[run].start()
+        conns[run] = here
+        try:
+            _, dtype, dev = conns[run].recv()
+        except EOFError:
+            raise SystemExit(f"bench.py: the {run[0]} {run[1]} worker died while loading the model") from None
+        info[run] = (dtype, dev)
+    times = {run: [] for run in runs}
+    for it in range(args.steps + 1):
+        for run in (runs if it % 2 == 0 else runs[::-1]):  # alternate who goes first
+            conns[run].send("step")
+            t = conns[run].recv()
+            if it > 0:  # step 0 is the warm-up
+                times[run].append(t)
+    flops = model_flops_per_token(shape, args)
+    peak_tflops = args.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items()
+                                            if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    rows = {}
+    for run in runs:
+        conns[run].send("stop")
+        peak = conns[run].recv()
+        procs[run].join()
+        step_s = statistics.median(times[run])
+        tok_s = args.batch * args.seq / step_s
+        rows[run] = {"impl": run[0], "variant": run[1], "dtype": info[run][0], "device": info[run][1],
+                     "tokens_per_s": round(tok_s, 1), "step_s": round(step_s, 4), "peak_mib": round(peak, 1)}
+        if peak_tflops:
+            rows[run]["mfu"] = round(tok_s * flops / (peak_tflops * 1e12), 4)
+    name = args.preset or f"hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']}"
+    if not args.json:
+        print(f"{name}; seq {args.seq} x batch {args.batch}; {'bf16/fp32' if args.no_quant else 'NF4'} base; "
+              f"median of {args.steps} steps after 1 warm-up")
+    for row in rows.values():
+        print(json.dumps(row) if args.json else
+              f"{row['impl']:>12} {row['variant']}: {row['tokens_per_s']:9.1f} tok/s  {row['step_s']:.3f} s/step  "
+              f"peak {row['peak_mib']:.0f} MiB" + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""))
+    ratios = {}
+    for v in variants:
+        if ("peft", v) in rows:
+            o, p = rows["ours", v], rows["peft", v]
+            ratios[f"{v}_speedup_vs_peft"] = round(o["tokens_per_s"] / p["tokens_per_s"], 3)
+            ratios[f"{v}_peak_vs_peft"] = round(o["peak_mib"] / p["peak_mib"], 3)
+    for v in variants:
+        if ("ours+compile", v) in rows:
+            ratios[f"{v}_compile_speedup"] = round(rows["ours+compile", v]["tokens_per_s"] / rows["ours", v]["tokens_per_s"], 3)
+    if args.dora_vs_lora:
+        for impl in dict.fromkeys(r[0] for r in runs):
+            ratios[f"{impl}_dora_step_vs_lora"] = round(rows[impl, "dora"]["step_s"] / rows[impl, "lora"]["step_s"], 3)
+    if ratios:
+        print(json.dumps(ratios) if args.json else "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layer", action="store_true", help="benchmark one NF4 linear layer's forward+backward")
-    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layer", action="store_true", help="benchmark one NF4 linear layer instead of a model")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="Qwen2.5 dimensions (overrides --hidden etc.)")
+    ap.add_argument("--hidden", type=int, help="hidden size (default 512; 1024 with --layer)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--intermediate", type=int, default=0, help="MLP size; 0 = about 5.3 x hidden")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
-    ap.add_argument("--compare-peft", action="store_true")
+    ap.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    ap.add_argument("--dora", action="store_true", help="DoRA instead of LoRA")
+    ap.add_argument("--dora-vs-lora", action="store_true", help="both, alternating (DoRA's step over LoRA's)")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after one warm-up)")
+    ap.add_argument("--dtype", default="auto", help="compute dtype: auto (the project's pick), bfloat16, float16, "
+                                                    "float32")
+    ap.add_argument("--no-quant", action="store_true", help="a bf16/fp32 base instead of NF4")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--compile", action="store_true", help="also run ours with torch.compile'd decoder layers")
+    ap.add_argument("--compare-peft", action="store_true", help="also run PEFT, alternating with ours")
+    ap.add_argument("--json", action="store_true", help="one JSON line per implementation, then the ratios")
+    ap.add_argument("--peak-tflops", type=float, default=0, help="the device's bf16 peak, for MFU")
+    ap.add_argument("--cache-dir", default=".cache")
     args = ap.parse_args()
-    if not args.layer:
-        ap.error("choose a benchmark: --layer")
-    bench_layer(args)
+    args.hidden = args.hidden or (1024 if args.layer else 512)
+    try:
+        M.resolve_dtype(args.dtype, M.resolve_device(args.device))
+    except M.ModelError as e:
+        ap.error(str(e))
+    (bench_layer if args.layer else bench_model)(args)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,11 @@ def main(argv=None):
         for name in names:
             lora.inject(model, lc["target_modules"], name, lc["r"], lc["alpha"], lc["dropout"], lc["use_dora"],
                         lc["use_rslora"])
+        lora.mark_trainable(model, names)  # the most a client ever trains at once (joint mode)
+        everyone = [e for train_ex, _ in examples.values() for e in train_ex]
+        cfg["train"]["batch_size"] = train.resolve_batch_size(
+            cfg["train"], model, everyone, tok.pad_token_id, device, dtype,
+            os.path.join(out_dir, "config.yaml") if args.resume else None)
         server = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
     except (train.ConfigError, D.DataError, M.ModelError, ValueError) as e:
         train.fail(e)

@@ -44,6 +44,7 @@ DEFAULTS = {
                       local_steps=8, global_steps=22, local_weight_decay=5.0, min_clients=1, server_optimizer="fedavg",
                       server_lr=1.0, max_new_tokens=8),
 }
+AUTO = {"train.batch_size"}  # keys that also take the value "auto"
 NULLABLE = {"data.eval_file": str, "data.system_prompt": str, "data.clients": list}  # keys whose default is None
 CHOICES = {
     "model.quantization": M.QUANTIZATIONS, "model.compute_dtype": ("auto", *M.DTYPES),
@@ -56,7 +57,7 @@ RULES = {  # key: (test, what it must be)
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "lora.target_modules": (bool, "a non-empty list"),
     "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "data.max_seq_len": (lambda v: v >= 8, ">= 8"),
     "data.num_clients": (lambda v: v >= 1, ">= 1"), "data.dirichlet_alpha": (lambda v: v > 0, "> 0"),
-    "train.max_steps": (lambda v: v >= 1, ">= 1"), "train.batch_size": (lambda v: v >= 1, ">= 1"),
+    "train.max_steps": (lambda v: v >= 1, ">= 1"), "train.batch_size": (lambda v: v == "auto" or v >= 1, ">= 1 or auto"),
     "train.grad_accum": (lambda v: v >= 1, ">= 1"), "train.lr": (lambda v: v > 0, "> 0"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"), "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "train.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "train.max_grad_norm": (lambda v: v >= 0, ">= 0"),
@@ -78,6 +79,8 @@ class ConfigError(ValueError):
 def _check_type(key, value, default):
     want = NULLABLE.get(key, type(default))
     if value is None and key in NULLABLE:
+        return value
+    if key in AUTO and value == "auto":
         return value
     if want is float and type(value) is int:
         return float(value)  # lr=1 means 1.0
@@ -146,32 +149,64 @@ def load_config(path, overrides=()):
 # Loss: cross-entropy on response tokens only, in chunks, from the final hidden states
 
 
-def _chunk_loss(hidden, lm_head_weight, labels):
-    logits = F.linear(hidden, lm_head_weight).float()  # (chunk, vocab): the only fp32 logits alive
-    return F.cross_entropy(logits, labels, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, labels_i), a chunk of rows at a time, with the gradient computed in
+    the forward pass.
+
+    Each chunk's logits live only while that chunk is processed: its softmax minus the one-hot label is
+    the gradient of the logits, so grad_hidden = (softmax - onehot) @ weight is taken right there and
+    kept ((N, H), small), and backward only scales it. Compared with checkpointing each chunk, that is
+    one lm_head matmul less per chunk (no recompute) at the same memory. (Liger-Kernel's fused linear
+    cross-entropy does the same in Triton; this is the plain PyTorch form.)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        want_h, want_w = ctx.needs_input_grad[:2]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for i in range(0, labels.numel(), chunk_size):
+            h, y = hidden[i:i + chunk_size], labels[i:i + chunk_size]
+            logits = F.linear(h, weight)  # the compute dtype under autocast
+            probs = logits.float()
+            lse = torch.logsumexp(probs, dim=-1)
+            total += (lse - probs.gather(1, y[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                probs.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(y), device=y.device), y] -= 1  # d CE / d logits
+                g = probs.to(logits.dtype)
+                if want_h:
+                    grad_h[i:i + chunk_size] = g @ weight.to(g.dtype)
+                if want_w:
+                    grad_w += g.t().float() @ h.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (None if grad_h is None else (grad_h * grad_total).to(h_dtype),
+                None if grad_w is None else (grad_w * grad_total).to(w_dtype), None, None)
 
 
-def loss_sum(model, batch, chunk_size=1024):
+def loss_sum(model, batch, chunk_elements=2**25):
     """(sum of next-token cross-entropies over positions with a label, number of such positions).
 
     The usual `model(**batch).loss` builds (B, T, vocab) fp32 logits: 4.9 GB at B*T = 8k tokens for
     Qwen's 152k vocabulary. Here only the labelled positions (the responses) go through lm_head, in
-    chunks, and each chunk is recomputed in backward (checkpointing) instead of keeping its logits.
-    The result equals F.cross_entropy over full logits (tests/test_train.py checks it).
+    chunks of at most chunk_elements logits (128 MB in fp32), with their gradient taken on the spot
+    (LinearCrossEntropy). The result equals F.cross_entropy over full logits (tests/test_train.py).
     """
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = labels != D.IGNORE_INDEX
     hidden, labels = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
     weight = model.get_output_embeddings().weight
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, labels.numel(), chunk_size):
-        h, y = hidden[i:i + chunk_size], labels[i:i + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, h, weight, y, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, y)
-    return total, labels.numel()
+    chunk = max(1, chunk_elements // weight.shape[0])
+    return LinearCrossEntropy.apply(hidden, weight, labels, chunk), labels.numel()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,6 +272,65 @@ def batch_stream(examples, batch_size, seed, group_by_length, pad_id, start=0):
                 yield D.collate([examples[j] for j in idx], pad_id)
             i += 1
         epoch += 1
+
+
+def largest_batch_size(model, examples, pad_id, device, dtype, limit):
+    """The largest micro-batch of the longest example, up to `limit`, whose forward and backward fit in
+    GPU memory: doubling from 1, then bisection. Room is kept for AdamW's two moments (allocated at the
+    first real step). Returns 0 if not even one example fits."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    longest = [max(examples, key=lambda e: len(e["input_ids"]))]
+    reserve = [torch.empty_like(p, dtype=torch.float32) for p in params for _ in range(2)]  # noqa: F841
+    was_training = model.training
+    model.train()  # transformers checkpoints layers only in training mode
+
+    def fits(n):
+        batch = {k: v.to(device) for k, v in D.collate(longest * n, pad_id).items()}
+        try:
+            with autocast(device, dtype):
+                loss, _ = loss_sum(model, batch)
+            loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            for p in params:
+                p.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    good, bad = 0, limit + 1
+    n = 1
+    while n <= limit and fits(n):
+        good, n = n, 2 * n
+    bad = min(n, bad)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    model.train(was_training)
+    return good
+
+
+def resolve_batch_size(tc, model, examples, pad_id, device, dtype, previous_config=None):
+    """train.batch_size, with "auto" resolved: on CUDA the largest micro-batch that fits (probed), on
+    other devices 16 (running out of CPU memory kills the process instead of raising). A resumed run
+    keeps the size its first part used (from its saved config), so its batches are the same."""
+    if tc["batch_size"] != "auto":
+        return tc["batch_size"]
+    if previous_config and os.path.isfile(previous_config):
+        with open(previous_config) as f:
+            saved = (yaml.safe_load(f) or {}).get("train", {}).get("batch_size")
+        if isinstance(saved, int):
+            return saved
+    if device.type != "cuda":
+        print(f"train.batch_size auto: 16 on {device.type} (probing the largest batch needs a CUDA GPU)")
+        return 16
+    n = largest_batch_size(model, examples, pad_id, device, dtype, limit=min(len(examples), 256))
+    if n == 0:
+        raise M.ModelError("train.batch_size auto: not even one example of the longest length fits in GPU "
+                           "memory; lower data.max_seq_len")
+    print(f"train.batch_size auto: {n} (the largest micro-batch of the longest example that fits in GPU memory)")
+    return n
 
 
 @torch.no_grad()
@@ -457,11 +551,13 @@ def main(argv=None):
             raise D.DataError(f"{cfg['data']['train_file']}: no example fits data.max_seq_len")
         lora.inject(model, lc["target_modules"], "default", lc["r"], lc["alpha"], lc["dropout"],
                     lc["use_dora"], lc["use_rslora"])
+        lora.mark_trainable(model, ["default"])
+        tc["batch_size"] = resolve_batch_size(tc, model, train_ex, tok.pad_token_id, device, dtype,
+                                              os.path.join(out_dir, "config.yaml") if args.resume else None)
     except (ConfigError, D.DataError, M.ModelError, ValueError) as e:
         fail(e)
     clear_output_dir(out_dir, previous)  # only now: a bad input above leaves an earlier run untouched
     save_yaml(cfg, os.path.join(out_dir, "config.yaml"))  # the resolved config, with every default
-    lora.mark_trainable(model, ["default"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tc["lr"], tc["weight_decay"], device)
     # fp16 needs loss scaling (its exponent range is narrow); bf16 and fp32 do not, so the scaler is off

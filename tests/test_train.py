@@ -55,6 +55,8 @@ def test_config_defaults_file_and_overrides(tmp_path):
     ("model.quantization=int3", "model.quantization: 'int3' is not one of nf4, fp4, none"),
     ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
     ("train.lr", "override 'train.lr': expected section.key=value"),
+    ("train.batch_size=big", "train.batch_size: expected int, got str 'big'"),
+    ("train.grad_accum=auto", "train.grad_accum: expected int, got str 'auto'"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(train.ConfigError, match=message):
@@ -100,7 +102,7 @@ def test_chunked_loss_equals_full_cross_entropy(cache_dir):
         ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
         n_ref = int((batch["labels"][:, 1:] != -100).sum())
         for chunk in (1, 7, 1024):  # chunk boundaries must not matter
-            total, n = train.loss_sum(model, batch, chunk_size=chunk)
+            total, n = train.loss_sum(model, batch, chunk_elements=chunk * model.config.vocab_size)
             assert n == n_ref
             torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
 
@@ -112,13 +114,29 @@ def test_chunked_loss_gradients_equal_full_cross_entropy(cache_dir):
         for p in lora.adapter_parameters(model, "default"):
             p.add_(torch.randn_like(p) * 0.05)
     batch = demo_batch(tok)
-    total, _ = train.loss_sum(model, batch, chunk_size=5)
+    total, _ = train.loss_sum(model, batch, chunk_elements=5 * model.config.vocab_size)
     ours = torch.autograd.grad(total, list(lora.adapter_parameters(model, "default")))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ref_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
     ref = torch.autograd.grad(ref_loss, list(lora.adapter_parameters(model, "default")))
     for a, b in zip(ours, ref):
         assert_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_linear_cross_entropy_matches_autograd_in_float64(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (13,), generator=g)
+    ours = train.LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    ours_grads = torch.autograd.grad(3.0 * ours, [hidden, weight])  # an upstream factor, as from "/ n_tokens"
+    ref = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+    ref_grads = torch.autograd.grad(3.0 * ref, [hidden, weight])
+    torch.testing.assert_close(ours, ref.float())  # accumulated in fp32
+    for a, b in zip(ours_grads, ref_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -167,6 +185,40 @@ def test_gradient_accumulation_equals_one_big_batch(cache_dir):
         grads.append(opt.grads)
     for a, b in zip(*grads):
         assert_close(a, b, 1e-5)
+
+
+def test_batch_size_auto_finds_the_largest_micro_batch_that_fits(cache_dir, monkeypatch):
+    model, tok = tiny(cache_dir)
+    lora.inject(model, ["q_proj"], r=2)
+    lora.mark_trainable(model, ["default"])
+    examples = D.tokenize_records(tok, D.load_records(os.path.join(ROOT, "data/clients/de.json"))[:8], 64)
+    longest = max(len(e["input_ids"]) for e in examples)
+    real, seen = train.loss_sum, []
+
+    def loss_sum(model, batch, **kw):  # a GPU with room for 5 rows of the longest example
+        seen.append(tuple(batch["input_ids"].shape))
+        if len(batch["input_ids"]) > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(train, "loss_sum", loss_sum)
+    args = (model, examples, tok.pad_token_id, torch.device("cpu"), torch.float32)
+    assert train.largest_batch_size(*args, limit=64) == 5
+    assert all(t == longest for _, t in seen)  # probed with the longest example
+    assert train.largest_batch_size(*args, limit=3) == 3
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
+    monkeypatch.setattr(train, "loss_sum", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()))
+    assert train.largest_batch_size(*args, limit=64) == 0
+
+
+def test_batch_size_auto_off_cuda_and_on_resume(tmp_path):
+    tc = train.load_config(CONFIG, ["train.batch_size=auto"])["train"]
+    assert tc["batch_size"] == "auto"
+    assert train.resolve_batch_size(tc, None, [], 0, torch.device("cpu"), torch.float32) == 16
+    saved = tmp_path / "config.yaml"
+    train.save_yaml({"train": {"batch_size": 12}}, str(saved))
+    assert train.resolve_batch_size(tc, None, [], 0, torch.device("cpu"), torch.float32, str(saved)) == 12
+    assert train.resolve_batch_size({"batch_size": 4}, None, [], 0, torch.device("cpu"), torch.float32) == 4
 
 
 def test_lr_schedule():

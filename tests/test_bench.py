@@ -1,0 +1,39 @@
+"""bench.py: the model benchmark runs end to end on a tiny shape and reports what it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"impl", "variant", "dtype", "device", "tokens_per_s", "step_s", "peak_mib"}
+
+
+def bench(tmp_path, *args):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--hidden", "64", "--layers", "1",
+                          "--vocab", "300", "--seq", "32", "--batch", "2", "--steps", "1", "--json",
+                          "--cache-dir", str(tmp_path), *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_ours_alone(tmp_path):
+    rows = bench(tmp_path, "--dora")
+    assert len(rows) == 1 and set(rows[0]) == KEYS
+    assert rows[0]["impl"] == "ours" and rows[0]["variant"] == "dora" and rows[0]["device"] == "cpu"
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["peak_mib"] > 0
+
+
+def test_bench_against_peft_both_variants(tmp_path):
+    pytest.importorskip("peft")
+    *rows, ratios = bench(tmp_path, "--compare-peft", "--dora-vs-lora")
+    assert [(r["impl"], r["variant"]) for r in rows] == [("ours", "lora"), ("peft", "lora"), ("ours", "dora"),
+                                                         ("peft", "dora")]
+    assert all(set(r) == KEYS and r["tokens_per_s"] > 0 for r in rows)
+    assert len({r["dtype"] for r in rows}) == 1  # the same compute dtype for both
+    assert set(ratios) == {"lora_speedup_vs_peft", "lora_peak_vs_peft", "dora_speedup_vs_peft", "dora_peak_vs_peft",
+                           "ours_dora_step_vs_lora", "peft_dora_step_vs_lora"}
+    assert os.listdir(tmp_path) and all(n.startswith("bench-") for n in os.listdir(tmp_path))  # cached, no temp dir
