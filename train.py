@@ -177,9 +177,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(y), device=y.device), y] -= 1  # d CE / d logits
                 g = probs.to(logits.dtype)
                 if want_h:
-                    grad_h[i:i + chunk_size] = g @ weight.to(g.dtype)
+                    grad_h[i:i + chunk_size] = g @ weight
                 if want_w:
-                    grad_w += g.t().float() @ h.float()
+                    grad_w += g.t() @ h
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
@@ -299,11 +299,10 @@ def largest_batch_size(model, examples, pad_id, device, dtype, limit):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    good, bad = 0, limit + 1
-    n = 1
+    good, n = 0, 1
     while n <= limit and fits(n):
         good, n = n, 2 * n
-    bad = min(n, bad)
+    bad = min(n, limit + 1)  # the smallest size known not to fit (or past the limit)
     while bad - good > 1:
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
