@@ -155,9 +155,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits live only while that chunk is processed: its softmax minus the one-hot label is
     the gradient of the logits, so grad_hidden = (softmax - onehot) @ weight is taken right there and
-    kept ((N, H), small), and backward only scales it. Compared with checkpointing each chunk, that is
-    one lm_head matmul less per chunk (no recompute) at the same memory. (Liger-Kernel's fused linear
-    cross-entropy does the same in Triton; this is the plain PyTorch form.)
+    kept ((N, H) in fp32, small next to the logits), and backward only scales it. Compared with
+    checkpointing each chunk, that is one lm_head matmul less per chunk (no recompute), for that one
+    (N, H) tensor held until backward. (Liger-Kernel's fused linear cross-entropy does the same in
+    Triton; this is the plain PyTorch form.)
     """
 
     @staticmethod
