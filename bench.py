@@ -26,12 +26,18 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 import lora
 import model as M
+
+if TYPE_CHECKING:
+    from bitsandbytes.nn import Linear4bit
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Qwen2.5 dimensions (config.json of each model); "tiny" is the embedded default's shape
@@ -46,7 +52,8 @@ GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "
                    "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
-def nf4_linear(in_f, out_f, compute_dtype, seed=0):
+def nf4_linear(in_f: int, out_f: int, compute_dtype: torch.dtype, seed: int = 0) -> "Linear4bit":
+    """A bias-free NF4 linear layer with random weights (seeded), on CUDA if there is one, else the CPU."""
     import bitsandbytes as bnb
 
     torch.manual_seed(seed)
@@ -59,7 +66,7 @@ def nf4_linear(in_f, out_f, compute_dtype, seed=0):
     return q
 
 
-def layer_impls(args, dtype):
+def layer_impls(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, tuple[nn.Module, list[nn.Parameter]]]:
     """name -> (module, trainable params): the same NF4 weight under each adapter implementation."""
     impls = {}
     for name, dora in (("ours-lora", False), ("ours-dora", True)):
@@ -77,7 +84,8 @@ def layer_impls(args, dtype):
     return {k: (m.train(), [p for p in m.parameters() if p.requires_grad]) for k, m in impls.items()}
 
 
-def bench_layer(args):
+def bench_layer(args: argparse.Namespace) -> None:
+    """Time one NF4 linear layer's forward, backward and SGD step per implementation; print medians and ratios."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = M.resolve_dtype(args.dtype, device)
     impls = layer_impls(args, dtype)
@@ -112,7 +120,7 @@ def bench_layer(args):
 # Whole-model training benchmark
 
 
-def model_shape(args):
+def model_shape(args: argparse.Namespace) -> dict[str, int | bool]:
     """The model's dimensions from --preset, or from --hidden/--layers/--vocab with Qwen2-like ratios."""
     if args.preset:
         return dict(PRESETS[args.preset])
@@ -121,7 +129,7 @@ def model_shape(args):
                 layers=args.layers, heads=heads, kv_heads=2 if heads % 2 == 0 else 1, vocab=args.vocab, tied=False)
 
 
-def build_model(shape, cache_dir):
+def build_model(shape: dict[str, int | bool], cache_dir: str) -> str:
     """A random-init Qwen2 of `shape`, saved in bf16 under cache_dir once; returns its directory.
 
     It loads through the same from_pretrained path as a real model; the tokenizer is the tiny model's
@@ -157,7 +165,8 @@ def build_model(shape, cache_dir):
     return path
 
 
-def random_batch(shape, args, device):
+def random_batch(shape: dict[str, int | bool], args: argparse.Namespace,
+                 device: torch.device) -> dict[str, torch.Tensor]:
     """Random token ids, --batch rows of --seq; the first half of each row is the prompt (labels -100)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, shape["vocab"], (args.batch, args.seq), generator=g)
@@ -166,7 +175,7 @@ def random_batch(shape, args, device):
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
-def peak_reset(device):
+def peak_reset(device: torch.device) -> None:
     """Start measuring peak memory now: CUDA's allocator peak, or the process's peak RSS (VmHWM)."""
     gc.collect()
     if device.type == "cuda":
@@ -185,7 +194,8 @@ def peak_reset(device):
         pass
 
 
-def peak_mib(device):
+def peak_mib(device: torch.device) -> float:
+    """Peak memory in MiB since peak_reset: CUDA's allocator peak, or the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     try:
@@ -200,7 +210,8 @@ def peak_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak since start (kB on Linux)
 
 
-def ours(path, args, device, dtype, dora, compile=False):
+def ours(path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, dora: bool,
+         compile: bool = False) -> Callable[[dict[str, torch.Tensor]], tuple[float | None, int]]:
     """This project's path: model.load_model, lora.inject, train.train_step. Returns step()."""
     import train
 
@@ -217,7 +228,8 @@ def ours(path, args, device, dtype, dora, compile=False):
     return lambda batch: train.train_step(model, params, optimizer, scaler, [batch], device, dtype, 1.0)
 
 
-def peft_recipe(path, args, device, dtype, dora):
+def peft_recipe(path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                dora: bool) -> Callable[[dict[str, torch.Tensor]], float]:
     """The standard QLoRA recipe (PEFT's and transformers' docs). Returns step()."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -248,7 +260,7 @@ def peft_recipe(path, args, device, dtype, dora):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     model.train()
 
-    def step(batch):
+    def step(batch: dict[str, torch.Tensor]) -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**batch).loss
         scaler.scale(loss).backward()
@@ -262,13 +274,14 @@ def peft_recipe(path, args, device, dtype, dora):
     return step
 
 
-def worker(impl, variant, path, shape, args, conn):
+def worker(impl: str, variant: str, path: str, shape: dict[str, int | bool], args: argparse.Namespace,
+           conn: Connection) -> None:
     """One implementation in its own process: set up, then one timed step per "step" message."""
     import warnings
 
-    import train
+    import config
 
-    train.quiet_libraries()
+    config.quiet_libraries()
     warnings.filterwarnings("ignore")  # deprecation notices from PEFT's and transformers' paths
     device = M.resolve_device(args.device)
     dtype = M.resolve_dtype(args.dtype, device)
@@ -292,7 +305,7 @@ def worker(impl, variant, path, shape, args, conn):
     conn.send(peak_mib(device))
 
 
-def model_flops_per_token(shape, args):
+def model_flops_per_token(shape: dict[str, int | bool], args: argparse.Namespace) -> float:
     """Model FLOPs of one training token (no recomputation counted): forward 2N and the input gradient
     2N for the frozen linear layers, 6N for the adapters, attention scores both ways, and lm_head on
     the labelled half (the loss needs no other logits)."""
@@ -305,7 +318,8 @@ def model_flops_per_token(shape, args):
     return 4 * base + 6 * adapters + attention + 4 * head
 
 
-def bench_model(args):
+def bench_model(args: argparse.Namespace) -> None:
+    """Train the model under each implementation, steps alternating; print throughput, peak memory and ratios."""
     shape = model_shape(args)
     device = M.resolve_device(args.device)
     path = build_model(shape, args.cache_dir)
@@ -369,7 +383,8 @@ def bench_model(args):
         print(json.dumps(ratios) if args.json else "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
-def main():
+def main() -> None:
+    """Parse the command line and run the layer or the model benchmark."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer", action="store_true", help="benchmark one NF4 linear layer instead of a model")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="Qwen2.5 dimensions (overrides --hidden etc.)")

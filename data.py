@@ -28,9 +28,14 @@ import json
 import os
 import random
 import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 FIELDS = ("instruction", "input", "output", "category", "client")
@@ -43,7 +48,7 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- loading
 
-def load_records(path, field_map=None):
+def load_records(path: str | os.PathLike[str], field_map: Mapping[str, str] | None = None) -> list[dict[str, str]]:
     """Read Alpaca-style records from a JSON list or a JSON-lines file.
 
     Args:
@@ -76,7 +81,7 @@ def load_records(path, field_map=None):
     return [_normalise(obj, f"{path}, {where}", names) for where, obj in raw]
 
 
-def _is_json_lines(path, text):
+def _is_json_lines(path: str, text: str) -> bool:
     """.jsonl by name, or by content: several lines of which the first is a whole JSON object."""
     if text.lstrip().startswith("["):
         return False  # a JSON list, whatever the name says
@@ -89,7 +94,7 @@ def _is_json_lines(path, text):
         return False
 
 
-def _read_json_lines(path, text):
+def _read_json_lines(path: str, text: str) -> list[tuple[str, object]]:
     out = []  # (place, object)
     for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -100,7 +105,7 @@ def _read_json_lines(path, text):
     return out
 
 
-def _read_json_list(path, text):
+def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -110,7 +115,7 @@ def _read_json_list(path, text):
     return [(f"record {i}", obj) for i, obj in enumerate(data, start=1)]
 
 
-def _normalise(obj, where, names):
+def _normalise(obj: object, where: str, names: dict[str, str]) -> dict[str, str]:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type(obj)}")
     record = {}
@@ -131,7 +136,7 @@ def _normalise(obj, where, names):
     return record
 
 
-def _type(value):
+def _type(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -143,7 +148,8 @@ ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired 
                          "further context. Write a response that appropriately completes the request.")
 
 
-def render_prompt(tokenizer, instruction, input="", system_prompt=None):
+def render_prompt(tokenizer: "PreTrainedTokenizerBase", instruction: str, input: str = "",
+                  system_prompt: str | None = None) -> str:
     """The prompt text up to where the assistant's answer begins (its generation prompt)."""
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -157,7 +163,7 @@ def render_prompt(tokenizer, instruction, input="", system_prompt=None):
     return (tokenizer.bos_token or "") + text + "### Response:\n"
 
 
-def render_response(tokenizer, output):
+def render_response(tokenizer: "PreTrainedTokenizerBase", output: str) -> str:
     """The text after the prompt: the answer and whatever closes the assistant's turn."""
     if not tokenizer.chat_template:
         if tokenizer.eos_token is None:
@@ -174,12 +180,13 @@ def render_response(tokenizer, output):
     return full[len(prompt):]
 
 
-def encode(tokenizer, text):
+def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
     """Token ids of text as written: special tokens in the text (<|im_start|>) are kept, none are added."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_example(tokenizer, record, max_seq_len=1024, system_prompt=None, train_on_prompt=False):
+def tokenize_example(tokenizer: "PreTrainedTokenizerBase", record: dict[str, str], max_seq_len: int = 1024,
+                     system_prompt: str | None = None, train_on_prompt: bool = False) -> dict[str, list[int]] | None:
     """{"input_ids", "labels"} of one record, cut to max_seq_len; None if the prompt alone fills it."""
     prompt = encode(tokenizer, render_prompt(tokenizer, record["instruction"], record.get("input", ""),
                                              system_prompt))
@@ -190,7 +197,9 @@ def tokenize_example(tokenizer, record, max_seq_len=1024, system_prompt=None, tr
     return {"input_ids": (prompt + response)[:max_seq_len], "labels": labels[:max_seq_len]}
 
 
-def tokenize_records(tokenizer, records, max_seq_len, system_prompt=None, train_on_prompt=False, name="train"):
+def tokenize_records(tokenizer: "PreTrainedTokenizerBase", records: Iterable[dict[str, str]], max_seq_len: int,
+                     system_prompt: str | None = None, train_on_prompt: bool = False,
+                     name: str = "train") -> list[dict[str, list[int]]]:
     """tokenize_example over records; reports in one line how many were dropped."""
     examples = [tokenize_example(tokenizer, r, max_seq_len, system_prompt, train_on_prompt) for r in records]
     kept = [e for e in examples if e is not None]
@@ -202,7 +211,8 @@ def tokenize_records(tokenizer, records, max_seq_len, system_prompt=None, train_
 
 # ----------------------------------------------------------------------------- batches
 
-def collate(examples, pad_id, multiple_of=8):
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int | None,
+            multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into LongTensors input_ids, labels, attention_mask, each (B, T).
 
     T is the longest example rounded up to a multiple of multiple_of: fewer distinct shapes, and
@@ -224,7 +234,8 @@ def collate(examples, pad_id, multiple_of=8):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def batch_indices(lengths, batch_size, seed, epoch=0, group_by_length=False):
+def batch_indices(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
+                  group_by_length: bool = False) -> list[list[int]]:
     """One epoch of batches of example indices, shuffled by (seed, epoch) alone.
 
     group_by_length cuts padding: shuffle, sort by length (longest first) within mega-chunks of 50
@@ -243,13 +254,14 @@ def batch_indices(lengths, batch_size, seed, epoch=0, group_by_length=False):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _chunks(items, size):
+def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 # ----------------------------------------------------------------------------- splits
 
-def split_eval(records, fraction, seed):
+def split_eval(records: Sequence[dict[str, str]], fraction: float,
+               seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, eval): a random eval share of round(fraction * n) records, at least 1 if fraction > 0.
 
     Train keeps at least one record, and both lists keep the records' original order.
@@ -263,7 +275,8 @@ def split_eval(records, fraction, seed):
             [r for i, r in enumerate(records) if i in in_eval])
 
 
-def partition(records, n_clients, method="iid", alpha=0.5, seed=0, key="category"):
+def partition(records: Sequence[dict[str, str]], n_clients: int, method: str = "iid", alpha: float = 0.5,
+              seed: int = 0, key: str = "category") -> list[list[dict[str, str]]]:
     """Split records among n_clients to simulate federated clients; each record goes to one client.
 
     iid: shuffle and deal out like cards (sizes differ by at most one).
@@ -290,7 +303,8 @@ def partition(records, n_clients, method="iid", alpha=0.5, seed=0, key="category
     return [[records[i] for i in sorted(share)] for share in shares]
 
 
-def _dirichlet_shares(records, n_clients, alpha, key, rng):
+def _dirichlet_shares(records: Sequence[dict[str, str]], n_clients: int, alpha: float, key: str,
+                      rng: np.random.Generator) -> list[list[int]]:
     by_value = {}  # value of record[key] -> indices of its records
     for i, r in enumerate(records):
         if key not in r:
@@ -346,7 +360,7 @@ MIX = {"fr": {"opposite": 48, "kind": 24, "sentiment": 24}, "de": {"opposite": 2
        "es": {"opposite": 24, "kind": 24, "sentiment": 48}, "it": {"opposite": 32, "kind": 32, "sentiment": 32}}
 
 
-def _shared_facts(category):
+def _shared_facts(category: str) -> list[tuple[str, str]]:
     """(key, answer) pairs of a shared task: the same answer on every client."""
     if category == "opposite":
         return [(a, b) for a, b in OPPOSITES] + [(b, a) for a, b in OPPOSITES]
@@ -354,12 +368,12 @@ def _shared_facts(category):
     return [(word, answer) for answer, words in table.items() for word in words]
 
 
-def _demo_record(category, template, text, output, client):
+def _demo_record(category: str, template: str, text: str, output: str, client: str) -> dict[str, str]:
     instruction, input = (template.format(text), "") if "{}" in template else (template, text)
     return {"instruction": instruction, "input": input, "output": output, "category": category, "client": client}
 
 
-def _demo_client(rng, c):
+def _demo_client(rng: random.Random, c: int) -> list[dict[str, str]]:
     client = CLIENTS[c]
     records = [_demo_record("translate", t, word, words[c], client)  # every word in every phrasing
                for word, words in TRANSLATE.items() for t in TEMPLATES["translate"]]
@@ -376,7 +390,7 @@ def _demo_client(rng, c):
     return records
 
 
-def make_demo(out_dir="data", seed=0):
+def make_demo(out_dir: str | os.PathLike[str] = "data", seed: int = 0) -> list[dict[str, str]]:
     """Write the federated demo: out_dir/clients/<client>.json for fr, de, es, it and out_dir/demo.json.
 
     Shared categories, with the same answer on every client: "opposite" (hot -> cold), "kind"
@@ -398,12 +412,12 @@ def make_demo(out_dir="data", seed=0):
     return everything
 
 
-def _write_json(path, records):
+def _write_json(path: str, records: list[dict[str, str]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(records, indent=1, ensure_ascii=False) + "\n")  # pretty, and diffs well
 
 
-def demo_texts(out_dir="data"):
+def demo_texts(out_dir: str | os.PathLike[str] = "data") -> list[str]:
     """All instruction, input and output strings of the demo (to train the tiny model's tokenizer)."""
     records = load_records(os.path.join(out_dir, "demo.json"))
     return [text for r in records for text in (r["instruction"], r["input"], r["output"]) if text]

@@ -50,7 +50,8 @@ import torch
 KINDS = ("fedavg", "fedavgm", "fedadam")
 
 
-def _check_like(ref: dict, other: dict, ref_name: str, other_name: str) -> None:
+def _check_like(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], ref_name: str,
+                other_name: str) -> None:
     """Raise ValueError unless `other` has the keys, shapes and dtypes of `ref` (floating-point tensors)."""
     for key in ref:
         if key not in other:
@@ -153,7 +154,7 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _check_hyperparameters(kind, lr, momentum, beta1, beta2, eps) -> None:
+def _check_hyperparameters(kind: str, lr: float, momentum: float, beta1: float, beta2: float, eps: float) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown server optimizer kind {kind!r}; choose one of {', '.join(KINDS)}")
     if not (math.isfinite(lr) and lr > 0):
@@ -185,7 +186,7 @@ class ServerOptimizer:
     """
 
     def __init__(self, kind: str = "fedavg", lr: float = 1.0, momentum: float = 0.9, beta1: float = 0.9,
-                 beta2: float = 0.99, eps: float = 1e-3):
+                 beta2: float = 0.99, eps: float = 1e-3) -> None:
         _check_hyperparameters(kind, lr, momentum, beta1, beta2, eps)
         self.kind, self.lr, self.momentum = kind, lr, momentum
         self.beta1, self.beta2, self.eps = beta1, beta2, eps

@@ -25,15 +25,22 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+import config as C
 import data as D
 import fedavg
 import infer
 import lora
 import model as M
 import train
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 VIEWS = {"global": ["global"], "local": ["local"], "global+local": ["global", "local"]}
 
@@ -42,7 +49,7 @@ VIEWS = {"global": ["global"], "local": ["local"], "global+local": ["global", "l
 # Clients
 
 
-def load_clients(cfg):
+def load_clients(cfg: C.Config) -> dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]:
     """{name: (train records, eval records)}: one file per client (data.clients), or train_file split."""
     dc, seed = cfg["data"], cfg["train"]["seed"]
     field_map = dc["field_map"] or None
@@ -56,10 +63,10 @@ def load_clients(cfg):
         parts = D.partition(records, dc["num_clients"], dc["partition"], dc["dirichlet_alpha"], seed,
                             dc["partition_key"])
         names = [f"client_{i}" for i in range(len(parts))]
-    return {name: D.split_eval(recs, dc["eval_fraction"], seed) for name, recs in zip(names, parts)}
+    return {name: D.split_eval(recs, dc["eval_fraction"], seed) for name, recs in zip(names, parts, strict=True)}
 
 
-def conflicting_prompts(clients):
+def conflicting_prompts(clients: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) -> set[tuple[str, str]]:
     """The (instruction, input) pairs that two clients answer differently."""
     answers = {}
     for train_recs, eval_recs in clients.values():
@@ -72,7 +79,7 @@ def conflicting_prompts(clients):
 # One client's turn
 
 
-def to_cpu(obj):
+def to_cpu(obj: Any) -> Any:
     """A copy of a (nested) optimizer state with every tensor on the CPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
@@ -83,8 +90,10 @@ def to_cpu(obj):
     return obj
 
 
-def train_adapter(model, active, trainable, examples, steps, lr, cfg, seed, device, dtype, pad_id,
-                  optimizer_state=None, weight_decay=None):
+def train_adapter(model: nn.Module, active: list[str], trainable: list[str], examples: list[train.Example], steps: int,
+                  lr: float, cfg: C.Config, seed: int, device: torch.device, dtype: torch.dtype, pad_id: int,
+                  optimizer_state: dict[str, Any] | None = None,
+                  weight_decay: float | None = None) -> tuple[float, dict[str, Any]]:
     """train.py's optimizer step, `steps` times, on the `trainable` adapters with `active` ones on.
 
     A fresh AdamW each call unless optimizer_state (from an earlier call) is given; its weight decay is
@@ -112,7 +121,9 @@ def train_adapter(model, active, trainable, examples, steps, lr, cfg, seed, devi
     return sum(losses) / len(losses) if losses else float("nan"), to_cpu(optimizer.state_dict())
 
 
-def client_update(model, mode, examples, lr, cfg, seed, device, dtype, pad_id, local_optimizer=None):
+def client_update(model: nn.Module, mode: str, examples: list[train.Example], lr: float, cfg: C.Config, seed: int,
+                  device: torch.device, dtype: torch.dtype, pad_id: int,
+                  local_optimizer: dict[str, Any] | None = None) -> tuple[float, dict[str, Any] | None]:
     """Train one client, whose global and local states are loaded.
 
     The global adapter gets a fresh AdamW every round, as in FedAvg: the server replaces its weights, so
@@ -138,7 +149,8 @@ def client_update(model, mode, examples, lr, cfg, seed, device, dtype, pad_id, l
     return train_adapter(model, ["global"], ["global"], *args)[0], None
 
 
-def is_finite(state):
+def is_finite(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor of the state dict is free of NaN and inf."""
     return all(torch.isfinite(t).all() for t in state.values())
 
 
@@ -147,20 +159,22 @@ def is_finite(state):
 
 
 @torch.no_grad()
-def evaluate_client(model, tok, records, examples, conflicts, cfg, device, dtype):
+def evaluate_client(model: nn.Module, tok: "PreTrainedTokenizerBase", records: list[dict[str, str]],
+                    examples: list[train.Example], conflicts: set[tuple[str, str]], cfg: C.Config,
+                    device: torch.device, dtype: torch.dtype) -> dict[str, float | None]:
     """{eval_loss, exact_match, n, conflict_exact_match, n_conflict} for the active adapters."""
     metrics = train.evaluate(model, examples, cfg["train"]["batch_size"], tok.pad_token_id, device, dtype)
     greedy = dict(max_new_tokens=cfg["federated"]["max_new_tokens"], temperature=0.0, top_p=1.0)
     answers = infer.predict(model, tok, records, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False)
-    hits = [infer.exact_match(a, r["output"]) for a, r in zip(answers, records)]
+    hits = [infer.exact_match(a, r["output"]) for a, r in zip(answers, records, strict=True)]
     in_conflict = [(r["instruction"], r["input"]) in conflicts for r in records]
     n_conflict = sum(in_conflict)
     return {"eval_loss": metrics["eval_loss"], "exact_match": sum(hits) / max(len(hits), 1), "n": len(hits),
-            "conflict_exact_match": sum(h for h, c in zip(hits, in_conflict) if c) / n_conflict if n_conflict else None,
+            "conflict_exact_match": sum(h for h, c in zip(hits, in_conflict, strict=True) if c) / n_conflict if n_conflict else None,
             "n_conflict": n_conflict}
 
 
-def print_table(rnd, rows, views):
+def print_table(rnd: int, rows: dict[str, dict[str, dict[str, float | None]]], views: list[str]) -> None:
     """One line per client: exact match and eval loss for each adapter view."""
     print(f"  {'client':<12}" + "".join(f"{v + ' EM/loss':>24}" for v in views))
     for client, by_view in rows.items():
@@ -168,7 +182,7 @@ def print_table(rnd, rows, views):
                                           for v in views))
 
 
-def plot(out_dir, records, views):
+def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
     """metrics.png: each client's exact match over rounds, one panel per adapter view (if matplotlib)."""
     try:
         import matplotlib
@@ -177,10 +191,10 @@ def plot(out_dir, records, views):
     except ImportError:
         return
     fig, axes = plt.subplots(1, len(views), figsize=(5 * len(views), 3.5), squeeze=False)
-    for ax, view in zip(axes[0], views):
+    for ax, view in zip(axes[0], views, strict=True):
         for client in sorted({r["client"] for r in records}):
             pts = [(r["round"], r["exact_match"]) for r in records if r["client"] == client and r["adapters"] == view]
-            ax.plot(*zip(*pts), marker="o", label=client)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=client)
         ax.set(title=view, xlabel="round", ylabel="exact match", ylim=(-0.02, 1.02))
     axes[0][0].legend()
     fig.tight_layout()
@@ -192,9 +206,13 @@ def plot(out_dir, records, views):
 # Checkpoints: <output_dir>/round_NNN/{global/, clients/<name>/local/, server.pt}, written atomically
 
 
-def save_round(out_dir, rnd, model, global_state, local_states, local_optimizers, server, history, cfg, base_path,
-               keep):
-    def write(tmp):
+def save_round(out_dir: str, rnd: int, model: nn.Module, global_state: dict[str, torch.Tensor],
+               local_states: dict[str, dict[str, torch.Tensor]], local_optimizers: dict[str, dict[str, Any]],
+               server: fedavg.ServerOptimizer, history: list[dict[str, int | list[str]]], cfg: C.Config, base_path: str,
+               keep: int) -> None:
+    """Write round_NNN (global adapter, local adapters and optimizers, server.pt, config); keep the latest `keep`."""
+
+    def write(tmp: str) -> None:
         lora.load_adapter_state_dict(model, global_state, "global")
         lora.save_adapter(model, os.path.join(tmp, "global"), "global", base_path)
         for client, state in local_states.items():
@@ -204,22 +222,26 @@ def save_round(out_dir, rnd, model, global_state, local_states, local_optimizers
                 torch.save(local_optimizers[client], os.path.join(tmp, "clients", client, "local_optimizer.pt"))
         torch.save({"round": rnd, "server_optimizer": server.state_dict(), "history": history,
                     "rng": train.rng_state()}, os.path.join(tmp, "server.pt"))
-        train.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
+        C.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
 
     train.write_atomically(os.path.join(out_dir, f"round_{rnd:03d}"), write)
     train.keep_latest(out_dir, "round_", keep)
 
 
-def completed_rounds(out_dir):
+def completed_rounds(out_dir: str) -> list[str]:
+    """Names of the complete round_* directories in out_dir, oldest first."""
     return train.completed(out_dir, "round_")
 
 
-def latest_round(out_dir):
+def latest_round(out_dir: str) -> str | None:
+    """The newest complete round_* directory in out_dir, or None."""
     done = completed_rounds(out_dir)
     return os.path.join(out_dir, done[-1]) if done else None
 
 
-def load_round(path, clients):
+def load_round(path: str, clients: Iterable[str]
+               ) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]],
+                          dict[str, Any], list[dict[str, int | list[str]]]]:
     """(round, global state, local states, local optimizer states, server optimizer state, history)."""
     state = torch.load(os.path.join(path, "server.pt"), weights_only=False)
     global_state = lora.read_adapter(os.path.join(path, "global"))[1]
@@ -237,23 +259,24 @@ def load_round(path, clients):
 # ----------------------------------------------------------------------------------------------------
 
 
-def check(cfg, clients):
+def check(cfg: C.Config, clients: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) -> None:
     """The federated settings that depend on the clients."""
     fc = cfg["federated"]
     per_round = max(1, round(fc["fraction"] * len(clients)))
     if fc["min_clients"] > per_round:
-        raise train.ConfigError(f"federated.min_clients: {fc['min_clients']} is more than the {per_round} clients "
+        raise C.ConfigError(f"federated.min_clients: {fc['min_clients']} is more than the {per_round} clients "
                                 f"sampled per round (federated.fraction={fc['fraction']} of {len(clients)})")
-    for name, (train_recs, eval_recs) in clients.items():
+    for name, (_, eval_recs) in clients.items():
         if not eval_recs:
-            raise train.ConfigError(f"client {name}: no eval records (raise data.eval_fraction)")
+            raise C.ConfigError(f"client {name}: no eval records (raise data.eval_fraction)")
 
 
-def main(argv=None):
-    args = train.cli(__doc__.splitlines()[0], argv, lambda ap: ap.add_argument(
+def main(argv: Sequence[str] | None = None) -> None:
+    """The whole federated run: check the config, load the clients and the base, then train round by round."""
+    args = C.cli(__doc__.splitlines()[0], argv, lambda ap: ap.add_argument(
         "--resume", action="store_true", help="continue from the last complete round"))
     try:
-        cfg = train.load_config(args.config, args.overrides)
+        cfg = C.load_config(args.config, args.overrides)
         fc, lc, seed = cfg["federated"], cfg["lora"], cfg["train"]["seed"]
         out_dir, mode = fc["output_dir"], fc["mode"]
         previous = train.check_output_dir(out_dir, args.resume, cfg["train"]["overwrite"],
@@ -261,15 +284,16 @@ def main(argv=None):
                                           latest=latest_round)
         clients = load_clients(cfg)
         check(cfg, clients)
-        train.quiet_libraries()
+        C.quiet_libraries()
         train.seed_everything(seed)
-        model, tok, base_path, device, dtype = train.load_base(cfg)
+        model, tok, base_path, device, dtype = C.load_base(cfg)
         examples = {}
+        dc = cfg["data"]
         for name, (train_recs, eval_recs) in clients.items():
-            tokenize = lambda recs, what: D.tokenize_records(  # noqa: E731
-                tok, recs, cfg["data"]["max_seq_len"], cfg["data"]["system_prompt"], cfg["data"]["train_on_prompt"],
-                f"{name} {what}")
-            examples[name] = (tokenize(train_recs, "train"), tokenize(eval_recs, "eval"))
+            examples[name] = tuple(
+                D.tokenize_records(tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"],
+                                   f"{name} {what}")
+                for recs, what in ((train_recs, "train"), (eval_recs, "eval")))
             if not examples[name][0]:
                 raise D.DataError(f"client {name}: no training example fits data.max_seq_len")
         names = ["global"] + ([] if mode == "global_only" else ["local"])
@@ -282,10 +306,10 @@ def main(argv=None):
             cfg["train"], model, everyone, tok.pad_token_id, device, dtype,
             os.path.join(out_dir, "config.yaml") if args.resume else None)
         server = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
-    except (train.ConfigError, D.DataError, M.ModelError, ValueError) as e:
-        train.fail(e)
+    except (C.ConfigError, D.DataError, M.ModelError, ValueError) as e:
+        C.fail(e)
     train.clear_output_dir(out_dir, previous)
-    train.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
+    C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
     views = ["global"] if mode == "global_only" else list(VIEWS)
     conflicts = conflicting_prompts(clients)
     global_state = lora.adapter_state_dict(model, "global")
@@ -299,7 +323,7 @@ def main(argv=None):
         server.load_state_dict(server_state)
         start += 1
         print(f"resumed after {os.path.basename(last)}")
-    logger = train.Logger(out_dir)
+    logger = C.Logger(out_dir)
     print(f"{len(clients)} clients ({', '.join(clients)}), mode {mode}, {fc['rounds']} rounds; "
           f"{len(conflicts)} conflicting prompts; model {base_path} on {device} in {str(dtype).replace('torch.', '')}")
 
@@ -343,7 +367,7 @@ def main(argv=None):
         t_train = time.time() - t0
         lora.load_adapter_state_dict(model, global_state, "global")
         rows = {}
-        for client, (train_recs, eval_recs) in clients.items():
+        for client, (_, eval_recs) in clients.items():
             if "local" in names:
                 lora.load_adapter_state_dict(model, local_states[client], "local")
             rows[client] = {}

@@ -17,14 +17,24 @@ With no --adapter the base model answers alone: that is the baseline the adapter
 --temperature 0 (the default) is greedy decoding; above 0, nucleus sampling with --top-p.
 """
 
+import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import torch
+from torch import nn
+
+import config as C
 import data as D
 import lora
 import model as M
-import train
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from transformers.generation import BaseStreamer
 
 GEN_BATCH = 16  # prompts generated together in batch mode
 
@@ -33,7 +43,7 @@ GEN_BATCH = 16  # prompts generated together in batch mode
 # Adapters: several at once, each with a weight (merge.py uses the same two functions)
 
 
-def check_adapters(dirs, weights=None) -> list:
+def check_adapters(dirs: Sequence[str], weights: Sequence[float] | None = None) -> list[float]:
     """The cheap checks, before any model loads: every directory exists, one weight per adapter.
     Returns the weights (1.0 each when none are given)."""
     for path in dirs:
@@ -46,7 +56,7 @@ def check_adapters(dirs, weights=None) -> list:
     return list(weights)
 
 
-def load_adapters(model, dirs, weights=None) -> list:
+def load_adapters(model: nn.Module, dirs: Sequence[str], weights: Sequence[float] | None = None) -> list[str]:
     """Load adapter directories as a0, a1, ... and make them all active; returns their names.
 
     Active adapters add up: y = W x + b + sum_i w_i s_i B_i A_i x. A weight w_i scales adapter i's update
@@ -59,7 +69,7 @@ def load_adapters(model, dirs, weights=None) -> list:
     """
     weights = check_adapters(dirs, weights)
     names = []
-    for i, (path, w) in enumerate(zip(dirs, weights)):
+    for i, (path, w) in enumerate(zip(dirs, weights, strict=True)):
         name = f"a{i}"
         lora.load_adapter(model, path, name)
         try:
@@ -83,6 +93,7 @@ def normalize(text: str) -> str:
 
 
 def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if the two texts are equal once normalized (normalize), else 0.0."""
     return float(normalize(prediction) == normalize(reference))
 
 
@@ -113,13 +124,15 @@ def rouge_l(prediction: str, reference: str) -> float:
 # The three modes
 
 
-def generate(model, tok, prompts, device, dtype, gen, streamer=None):
+def generate(model: nn.Module, tok: "PreTrainedTokenizerBase", prompts: list[list[int]], device: torch.device,
+             dtype: torch.dtype, gen: dict[str, float], streamer: "BaseStreamer | None" = None) -> list[list[int]]:
     """New token ids for each prompt (lists of ids), in the compute dtype."""
-    with train.autocast(device, dtype):
+    with M.autocast(device, dtype):
         return M.generate(model, tok, prompts, streamer=streamer, **gen)
 
 
-def predict(model, tok, records, system_prompt, device, dtype, gen, progress=True) -> list:
+def predict(model: nn.Module, tok: "PreTrainedTokenizerBase", records: list[dict[str, str]], system_prompt: str | None,
+            device: torch.device, dtype: torch.dtype, gen: dict[str, float], progress: bool = True) -> list[str]:
     """One predicted answer per record, generated in batches of prompts of similar length."""
     from tqdm import tqdm
 
@@ -129,22 +142,23 @@ def predict(model, tok, records, system_prompt, device, dtype, gen, progress=Tru
     batches = range(0, len(order), GEN_BATCH)
     for start in tqdm(batches, desc="predicting", disable=None if progress else True, file=sys.stderr):
         idx = order[start:start + GEN_BATCH]
-        for i, new in zip(idx, generate(model, tok, [prompts[i] for i in idx], device, dtype, gen)):
+        for i, new in zip(idx, generate(model, tok, [prompts[i] for i in idx], device, dtype, gen), strict=True):
             answers[i] = tok.decode(new, skip_special_tokens=True).strip()
     return answers
 
 
-def score(records, answers):
+def score(records: list[dict[str, str]], answers: list[str]) -> tuple[list[dict[str, str | float]], dict[str, float]]:
     """(one result row per record, the mean metrics)."""
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"], "prediction": a,
              "exact_match": exact_match(a, r["output"]), "rouge_l": rouge_l(a, r["output"])}
-            for r, a in zip(records, answers)]
+            for r, a in zip(records, answers, strict=True)]
     n = len(rows)
     return rows, {"n": n, "exact_match": sum(r["exact_match"] for r in rows) / n,
                   "rouge_l": sum(r["rouge_l"] for r in rows) / n}
 
 
-def chat(model, tok, system_prompt, device, dtype, gen):
+def chat(model: nn.Module, tok: "PreTrainedTokenizerBase", system_prompt: str | None, device: torch.device,
+         dtype: torch.dtype, gen: dict[str, float]) -> None:
     """A multi-turn chat on stdin/stdout: the whole conversation is the prompt of each new turn."""
     from transformers import TextStreamer
 
@@ -180,7 +194,8 @@ def chat(model, tok, system_prompt, device, dtype, gen):
 # ----------------------------------------------------------------------------------------------------
 
 
-def add_arguments(ap):
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """Add infer.py's options to the parser (the `extra` hook of config.cli)."""
     ap.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat for several)")
     ap.add_argument("--adapter-weight", type=float, action="append", default=[],
                     help="weight of each LoRA adapter's update, in --adapter order (default 1)")
@@ -192,7 +207,7 @@ def add_arguments(ap):
     ap.add_argument("--max-new-tokens", type=int, default=256)
 
 
-def check_outputs(args):
+def check_outputs(args: argparse.Namespace) -> str | None:
     """Batch mode's two files: refused if either exists, and their folder must be creatable."""
     if args.prompt is not None and args.input:
         raise ValueError("--prompt and --input: give one or the other")
@@ -211,20 +226,21 @@ def check_outputs(args):
     return metrics_path
 
 
-def main(argv=None):
-    args = train.cli(__doc__.splitlines()[0], argv, add_arguments)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Load the base and the adapters, then answer --prompt, predict and score --input, or chat."""
+    args = C.cli(__doc__.splitlines()[0], argv, add_arguments)
     try:
-        cfg = train.load_config(args.config, args.overrides)
+        cfg = C.load_config(args.config, args.overrides)
         if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
             raise ValueError("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
         check_adapters(args.adapter, args.adapter_weight)
         metrics_path = check_outputs(args)
         records = D.load_records(args.input, cfg["data"]["field_map"] or None) if args.input else None
-        train.quiet_libraries()
-        model, tok, base_path, device, dtype = train.load_base(cfg, gradient_checkpointing=False)
+        C.quiet_libraries()
+        model, tok, base_path, device, dtype = C.load_base(cfg, gradient_checkpointing=False)
         names = load_adapters(model, args.adapter, args.adapter_weight)
     except ValueError as e:  # ConfigError, DataError, ModelError and lora's errors are all ValueErrors
-        train.fail(e)
+        C.fail(e)
     what = " + ".join([base_path, *args.adapter]) if names else f"{base_path} with no adapter"
     print(f"model: {what}, on {device} in {str(dtype).replace('torch.', '')}", file=sys.stderr)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)

@@ -28,6 +28,8 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -86,7 +88,7 @@ class LoRALinear(nn.Module):
     per optimizer step (see dora_norm).
     """
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         keep_standard_layout(base)
         self.base = base  # kept as is: same object, same weight, no copy
@@ -99,10 +101,12 @@ class LoRALinear(nn.Module):
         self._norm_cache = {}  # name -> (key, n); see dora_norm
 
     @property
-    def weight(self):  # some model code reads layer.weight.dtype/device
+    def weight(self) -> nn.Parameter:  # some model code reads layer.weight.dtype/device
+        """The base layer's weight parameter, as stored (packed if 4-bit)."""
         return self.base.weight
 
-    def add_adapter(self, name, r=8, alpha=16, dropout=0.0, use_dora=False, use_rslora=False):
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_dora: bool = False,
+                    use_rslora: bool = False) -> None:
         """Add a fresh adapter: A ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's own init), B = 0, m = ||W||_row."""
         if name in self.config:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -150,6 +154,7 @@ class LoRALinear(nn.Module):
         return n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) plus the active adapters' terms (see the class docstring), in base(x)'s dtype."""
         out = self.base(x)  # W x + b, the one base matmul
         if not self.active:
             return out
@@ -181,7 +186,8 @@ class LoRALinear(nn.Module):
             return (out + branches).to(out.dtype)
         return torch.addcmul(branches, G.to(branches.dtype), out).to(out.dtype)  # one fused op, like LoRA's add
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """The layer's sizes, adapter configs and active adapters, for print(model)."""
         return f"in={self.in_features}, out={self.out_features}, adapters={self.config}, active={self.active}"
 
 
@@ -189,12 +195,12 @@ class LoRALinear(nn.Module):
 # Wrapping layers and choosing adapters
 
 
-def _wrapped_layers(model):
+def _wrapped_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """(path, LoRALinear) for every wrapped layer of the model."""
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _wrap(model, path: str) -> LoRALinear:
+def _wrap(model: nn.Module, path: str) -> LoRALinear:
     """Replace the linear layer at `path` by a LoRALinear around it (or return the one already there)."""
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -205,7 +211,7 @@ def _wrap(model, path: str) -> LoRALinear:
     return layer
 
 
-def _linear_paths(model):
+def _linear_paths(model: nn.Module) -> list[str]:
     """Paths of the plain/4-bit linear layers that could take an adapter (not those inside a wrapper)."""
     modules = dict(model.named_modules())
     inner = {f"{p}.base" for p, m in modules.items() if isinstance(m, LoRALinear)}
@@ -213,8 +219,8 @@ def _linear_paths(model):
     return [p for p, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear)) and p not in inner]
 
 
-def inject(model, target_modules, name="default", r=8, alpha=16, dropout=0.0, use_dora=False,
-           use_rslora=False) -> list:
+def inject(model: nn.Module, target_modules: str | Iterable[str], name: str = "default", r: int = 8,
+           alpha: float = 16, dropout: float = 0.0, use_dora: bool = False, use_rslora: bool = False) -> list[str]:
     """Add adapter `name` to every linear layer whose attribute name is in `target_modules`.
 
     Args:
@@ -248,7 +254,7 @@ def inject(model, target_modules, name="default", r=8, alpha=16, dropout=0.0, us
     return paths
 
 
-def set_active(model, names) -> None:
+def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
     """Make exactly `names` (a name or a list; [] for the bare base model) contribute to forward."""
     names = [names] if isinstance(names, str) else list(names)
     layers = [m for _, m in _wrapped_layers(model)]
@@ -259,7 +265,7 @@ def set_active(model, names) -> None:
         m.active = [n for n in names if n in m.config]
 
 
-def scale_adapter(model, name, weight) -> None:
+def scale_adapter(model: nn.Module, name: str, weight: float) -> None:
     """Scale LoRA adapter `name`'s update by `weight` (s -> weight * s), e.g. to mix several adapters.
 
     A DoRA adapter refuses: it rescales whole rows by m / ||W + s B A||, so its update is no term that a
@@ -275,7 +281,7 @@ def scale_adapter(model, name, weight) -> None:
         m._norm_cache.pop(name, None)  # n depends on s
 
 
-def adapter_parameters(model, names):
+def adapter_parameters(model: nn.Module, names: str | Sequence[str]) -> Iterator[nn.Parameter]:
     """The A, B (and DoRA m) parameters of the named adapters."""
     names = [names] if isinstance(names, str) else names
     for _, m in _wrapped_layers(model):
@@ -283,7 +289,7 @@ def adapter_parameters(model, names):
             yield from (d[n] for n in names if n in d)
 
 
-def mark_trainable(model, names) -> None:
+def mark_trainable(model: nn.Module, names: str | Sequence[str]) -> None:
     """requires_grad on the named adapters' parameters only; everything else, base included, is frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -296,7 +302,7 @@ def mark_trainable(model, names) -> None:
 # .lora_magnitude_vector (DoRA, no ".weight" suffix)
 
 
-def adapter_state_dict(model, name="default") -> dict:
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """A copy of adapter `name`'s tensors, keyed as in PEFT's adapter_model.safetensors."""
     state = {}
     for path, m in _wrapped_layers(model):
@@ -311,7 +317,7 @@ def adapter_state_dict(model, name="default") -> dict:
 
 
 @torch.no_grad()
-def load_adapter_state_dict(model, state: dict, name="default") -> None:
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str = "default") -> None:
     """Copy `state` into adapter `name`, strictly: every key present, none extra, every shape equal."""
     own = adapter_state_dict(model, name)
     for key in own:
@@ -334,7 +340,8 @@ def load_adapter_state_dict(model, state: dict, name="default") -> None:
 # Files
 
 
-def save_adapter(model, path, name="default", base_model_name_or_path=None) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 base_model_name_or_path: str | None = None) -> None:
     """Write adapter `name` as PEFT does: path/adapter_config.json and path/adapter_model.safetensors."""
     from safetensors.torch import save_file
 
@@ -362,7 +369,7 @@ def save_adapter(model, path, name="default", base_model_name_or_path=None) -> N
         os.replace(os.path.join(path, fname + ".tmp"), os.path.join(path, fname))
 
 
-def read_adapter(path) -> tuple:
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, state) of a PEFT-format adapter directory, refusing what this module cannot run."""
     from safetensors.torch import load_file
 
@@ -393,7 +400,7 @@ def read_adapter(path) -> tuple:
     return config, state
 
 
-def _pattern_value(patterns: dict, path: str, default):
+def _pattern_value(patterns: dict[str, float], path: str, default: float) -> float:
     """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module path."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", path):
@@ -401,7 +408,7 @@ def _pattern_value(patterns: dict, path: str, default):
     return default
 
 
-def load_adapter(model, path, name="default") -> dict:
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> dict[str, Any]:
     """Load a PEFT-format LoRA/DoRA adapter into adapter `name`; inject it from the file's config first if
     the model does not have it. Returns the adapter's config. Raises ValueError on any mismatch."""
     config, state = read_adapter(path)
@@ -447,7 +454,7 @@ def merged_weight(layer: LoRALinear) -> torch.Tensor:
     return merged
 
 
-def merge(model, dtype=None):
+def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every layer's active adapters into a plain nn.Linear and remove the wrappers (in place).
 
     4-bit weights are dequantized and the result is stored in `dtype`, by default the layer's compute

@@ -22,26 +22,32 @@ Afterwards the saved directory is reloaded with plain transformers and the large
 base + adapters (in memory, unmerged) over a few prompts is printed.
 """
 
+import argparse
 import gc
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+import config as C
 import data as D
 import infer
 import lora
 import model as M
-import train
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CHECK_PROMPTS = ("What is the opposite of hot?", "Translate into our language: cat",
                  "Write one sentence about the sea.")
 
 
 @torch.no_grad()
-def dequantize_rest(module, dtype):
+def dequantize_rest(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace every remaining 4-bit layer (one that no adapter wrapped, so lora.merge left it) by an
     nn.Linear holding its dequantized weight in `dtype`. gpt-fast style: named_children and setattr."""
     for name, child in module.named_children():
@@ -57,7 +63,7 @@ def dequantize_rest(module, dtype):
     return module
 
 
-def check_out(out):
+def check_out(out: str) -> str:
     """Refuse an --out that holds anything already, or where nothing can be written; before the slow part."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
@@ -74,7 +80,7 @@ def check_out(out):
     return out
 
 
-def save(model, tokenizer, out):
+def save(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", out: str) -> None:
     """Save into a temporary directory next to `out`, then rename it to `out`: a crash never leaves
     half a model under --out."""
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
@@ -90,12 +96,14 @@ def save(model, tokenizer, out):
 
 
 @torch.no_grad()
-def logits_of(model, prompts, device):
+def logits_of(model: "PreTrainedModel", prompts: Sequence[Sequence[int]],
+              device: torch.device | str) -> list[torch.Tensor]:
     """fp32 CPU logits (1, T, vocab) of each prompt, run one at a time (no padding to get right)."""
     return [model(torch.tensor([p], device=device)).logits.float().cpu() for p in prompts]
 
 
-def add_arguments(ap):
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """Add merge's own options (--adapter, --weights, --out, --dtype, --from-original) to `ap`."""
     ap.add_argument("--adapter", action="append", required=True, help="adapter directory (repeat for several)")
     ap.add_argument("--weights", type=float, nargs="+", help="weight of each LoRA adapter, in --adapter order")
     ap.add_argument("--out", required=True, help="the merged model directory (must not exist, or be empty)")
@@ -104,23 +112,24 @@ def add_arguments(ap):
                     help="merge onto the original unquantized weights instead of the dequantized NF4 ones")
 
 
-def main(argv=None):
-    args = train.cli(__doc__.splitlines()[0], argv, add_arguments)
+def main(argv: Sequence[str] | None = None) -> float:
+    """Merge, save and reload; return the largest |logit difference| of the saved model to base + adapters."""
+    args = C.cli(__doc__.splitlines()[0], argv, add_arguments)
     try:
-        cfg = train.load_config(args.config, args.overrides)
+        cfg = C.load_config(args.config, args.overrides)
         infer.check_adapters(args.adapter, args.weights)
         out = check_out(args.out)
         if args.from_original:
             cfg["model"]["quantization"] = "none"
             cfg["model"]["compute_dtype"] = args.dtype or cfg["model"]["compute_dtype"]
-        train.quiet_libraries()
-        model, tok, base_path, device, dtype = train.load_base(cfg, gradient_checkpointing=False)
+        C.quiet_libraries()
+        model, tok, base_path, device, dtype = C.load_base(cfg, gradient_checkpointing=False)
         infer.load_adapters(model, args.adapter, args.weights)
     except ValueError as e:  # ConfigError, ModelError, an adapter for another base, ...
-        train.fail(e)
+        C.fail(e)
     out_dtype = M.DTYPES[args.dtype] if args.dtype else dtype
     prompts = [D.encode(tok, D.render_prompt(tok, q, "", cfg["data"]["system_prompt"])) for q in CHECK_PROMPTS]
-    with train.autocast(device, dtype):
+    with M.autocast(device, dtype):
         before = logits_of(model, prompts, device)  # base + adapters, unmerged: the reference
 
     lora.merge(model, out_dtype)  # wrapped layers -> nn.Linear(W'), 4-bit ones dequantized first
@@ -142,7 +151,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=out_dtype).to(device).eval()  # plain transformers
     after = logits_of(merged, prompts, device)
-    diff = max((a - b).abs().max().item() for a, b in zip(after, before))
+    diff = max((a - b).abs().max().item() for a, b in zip(after, before, strict=True))
     largest = max(b.abs().max().item() for b in before)
     print(f"largest |logit difference|, reloaded merged model vs base + adapters, over {len(prompts)} prompts: "
           f"{diff:.3g} (largest |logit| {largest:.3g}, relative {diff / largest:.2g})")

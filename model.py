@@ -25,9 +25,15 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config
+    from transformers.generation import BaseStreamer
 
 QUANTIZATIONS = ("nf4", "fp4", "none")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -42,7 +48,7 @@ class ModelError(ValueError):
 # device, dtype, attention
 
 
-def resolve_device(name="auto"):
+def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda > mps > cpu; an explicit name ('cpu', 'cuda', 'cuda:1', 'mps') is checked."""
     if name == "auto":
         if torch.cuda.is_available():
@@ -66,7 +72,7 @@ def resolve_device(name="auto"):
     return device
 
 
-def cpu_has_bf16():
+def cpu_has_bf16() -> bool:
     """True if the CPU has native bf16 arithmetic (x86 AVX512_BF16 or AMX-BF16).
 
     torch.backends.cpu.get_cpu_capability() is no help here: it says 'AVX512' with or without the bf16
@@ -85,7 +91,7 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_dtype(name, device):
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """'auto' -> the fastest training dtype on `device`; 'bfloat16' | 'float16' | 'float32' are honoured."""
     if name != "auto":
         if name not in DTYPES:
@@ -106,7 +112,12 @@ def resolve_dtype(name, device):
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def resolve_attention(name, device):
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Mixed precision: matmuls in the compute dtype (bf16/fp16), adapter weights and optimizer in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def resolve_attention(name: str, device: torch.device | str) -> str:
     """'auto' -> flash_attention_2 (flash_attn installed and CUDA) > sdpa > eager."""
     if name not in ATTENTIONS:
         raise ModelError(f"attention: {name!r} is not one of {', '.join(ATTENTIONS)}")
@@ -139,7 +150,7 @@ CHAT_TEMPLATE = (
 TINY_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def train_tokenizer(texts, vocab_size=2048):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> "PreTrainedTokenizerFast":
     """A byte-level BPE tokenizer (as GPT-2 / Qwen use) trained on `texts`, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -168,7 +179,7 @@ def train_tokenizer(texts, vocab_size=2048):
     )
 
 
-def tiny_config(tokenizer):
+def tiny_config(tokenizer: "PreTrainedTokenizerBase") -> "Qwen2Config":
     """~3.7M parameters: big enough to have every part of a real Qwen2, small enough to train on a CPU.
 
     The output head is untied from the embeddings (as in Qwen2.5-7B) and drawn with a larger std, see
@@ -194,11 +205,12 @@ def tiny_config(tokenizer):
     )
 
 
-def is_complete_build(path):
+def is_complete_build(path: str) -> bool:
+    """True if `path` holds every file of a finished build (TINY_FILES)."""
     return all(os.path.isfile(os.path.join(path, f)) for f in TINY_FILES)
 
 
-def build_tiny(out_dir, texts, seed=0):
+def build_tiny(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
     """Build the tiny default model into `out_dir` once and return its path.
 
     The build is written to a temporary directory next to `out_dir` and renamed into place, so an
@@ -246,7 +258,8 @@ def build_tiny(out_dir, texts, seed=0):
 # loading and quantizing
 
 
-def quantize_4bit(module, quant_type="nf4", compute_dtype=torch.bfloat16, device="cpu", skip=("lm_head",)):
+def quantize_4bit(module: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.bfloat16,
+                  device: torch.device | str = "cpu", skip: Sequence[str] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear under `module` (except those named in `skip`) by a bitsandbytes Linear4bit.
 
     gpt-fast style: walk named_children and setattr. Moving a Linear4bit to a device is what quantizes
@@ -276,7 +289,7 @@ def quantize_4bit(module, quant_type="nf4", compute_dtype=torch.bfloat16, device
     return module
 
 
-def bnb_4bit_works(device):
+def bnb_4bit_works(device: torch.device | str) -> bool:
     """Can bitsandbytes quantize and run a 4-bit layer on `device`? (MPS support is partial.)"""
     try:
         layer = quantize_4bit(nn.Sequential(nn.Linear(64, 64)), "nf4", torch.float32, device)
@@ -286,7 +299,7 @@ def bnb_4bit_works(device):
         return False
 
 
-def check_name_or_path(name_or_path):
+def check_name_or_path(name_or_path: str) -> None:
     """Fail early, in one line, on a local path that is not a model directory."""
     # a hub id is 'org/name' (or a bare 'name'); anything else that looks like a path is a path
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
@@ -299,7 +312,7 @@ def check_name_or_path(name_or_path):
                          "or a Hugging Face hub id such as Qwen/Qwen2.5-7B-Instruct)")
 
 
-def from_pretrained(auto_class, name_or_path, **kwargs):
+def from_pretrained(auto_class: type, name_or_path: str, **kwargs: Any) -> Any:
     """auto_class.from_pretrained, cache first for hub ids, with 'not found' turned into a ModelError."""
     if not os.path.isdir(name_or_path):
         # a cached hub model must load without the network: offline, the hub client retries with backoff
@@ -314,7 +327,8 @@ def from_pretrained(auto_class, name_or_path, **kwargs):
         raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {reason}") from None
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
+    """The tokenizer of `name_or_path`, with a pad token (eos if it has none) and right padding."""
     from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, name_or_path)
@@ -324,8 +338,10 @@ def load_tokenizer(name_or_path):
     return tokenizer
 
 
-def load_model(name_or_path, quantization="nf4", compute_dtype=torch.bfloat16, device=None, attention="auto",
-               gradient_checkpointing=True):
+def load_model(name_or_path: str | os.PathLike[str], quantization: str = "nf4",
+               compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+               attention: str = "auto",
+               gradient_checkpointing: bool = True) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a causal LM and its tokenizer as a frozen (optionally 4-bit) base for LoRA / DoRA.
 
     Works the same for a local model directory (build_tiny's output included) and a hub id. Returns
@@ -348,7 +364,8 @@ def load_model(name_or_path, quantization="nf4", compute_dtype=torch.bfloat16, d
             raise ModelError(f"model.quantization: {quantization} needs bitsandbytes>=0.48 (pip install bitsandbytes) "
                              "or set it to none")
         if device.type not in ("cpu", "cuda") and not bnb_4bit_works(device):
-            warnings.warn(f"bitsandbytes cannot run 4-bit layers on {device.type}; loading without quantization")
+            warnings.warn(f"bitsandbytes cannot run 4-bit layers on {device.type}; loading without quantization",
+                          stacklevel=2)
             quantization = "none"
 
     tokenizer = load_tokenizer(name_or_path)
@@ -370,7 +387,7 @@ def load_model(name_or_path, quantization="nf4", compute_dtype=torch.bfloat16, d
     return model.eval(), tokenizer
 
 
-def count_parameters(model):
+def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit weight counts as the number of weights it stores."""
     trainable = total = 0
     for p in model.parameters():
@@ -381,7 +398,9 @@ def count_parameters(model):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, streamer=None):
+def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", prompts: Sequence[Sequence[int]],
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             streamer: "BaseStreamer | None" = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new token ids of each, stop token cut.
 
     The batch is left-padded so that every prompt ends at the same position and generation starts

@@ -5,6 +5,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import config  # noqa: E402
+import lora  # noqa: E402
+import model as M  # noqa: E402
 
 
 def run_main(main, argv, capsys):
@@ -21,9 +26,7 @@ def run_main(main, argv, capsys):
 def tiny_dir(cache_dir):
     """The tiny model's directory under a model.cache_dir, as train.py resolves model.name_or_path=tiny
     (built there on first use)."""
-    import train
-
-    return train.resolve_model_path({"model": {"name_or_path": "tiny", "cache_dir": cache_dir}})
+    return config.resolve_model_path({"model": {"name_or_path": "tiny", "cache_dir": cache_dir}})
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +35,41 @@ def cache_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("cache"))
     tiny_dir(d)
     return d
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # fewer layers: PEFT's DoRA is slow to generate with
+
+
+@pytest.fixture(scope="session")
+def adapters(cache_dir, tmp_path_factory):
+    """Adapter directories on the tiny base: lora, lora2, dora, lora_qv (q_proj and v_proj only) and
+    other_base (made for a smaller Qwen2, whose layer names match but whose shapes do not)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = tmp_path_factory.mktemp("adapters")
+    tiny = tiny_dir(cache_dir)
+    out = {name: make_adapter(tiny, d / name, seed=seed, **kw) for name, seed, kw in [
+        ("lora", 1, {}), ("lora2", 2, {}), ("dora", 3, {"use_dora": True, "targets": DORA_TARGETS}),
+        ("lora_qv", 4, {"targets": ["q_proj", "v_proj"]})]}
+    other = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    lora.inject(other, TARGETS, r=4, alpha=8)
+    lora.save_adapter(other, d / "other_base")
+    out["other_base"] = str(d / "other_base")
+    return out
+
+
+def make_adapter(base_path, out_dir, seed=1, use_dora=False, targets=TARGETS):
+    """A random (as if trained) adapter on the base, saved in PEFT's format: quicker than training one."""
+    model, _ = M.load_model(base_path, "none", torch.float32, "cpu", "auto", gradient_checkpointing=False)
+    lora.inject(model, targets, r=4, alpha=8, use_dora=use_dora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "lora_magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    lora.save_adapter(model, out_dir, base_model_name_or_path=base_path)
+    return str(out_dir)

@@ -38,7 +38,7 @@ def test_weighted_average_matches_float64_sum(weights):
     states = [make_state(i) for i in range(3)]
     out = fedavg.weighted_average(states, weights)
     for k in states[0]:
-        ref = sum(w * s[k].double() for w, s in zip(weights, states)) / sum(weights)
+        ref = sum(w * s[k].double() for w, s in zip(weights, states, strict=True)) / sum(weights)
         torch.testing.assert_close(out[k].double(), ref, rtol=0, atol=1e-6)
 
 
@@ -59,7 +59,7 @@ def test_returns_new_tensors_and_does_not_touch_inputs():
     states = [make_state(i) for i in range(3)]
     before = [clone(s) for s in states]
     out = fedavg.weighted_average(states, [1, 1, 1])
-    for s, b in zip(states, before):
+    for s, b in zip(states, before, strict=True):
         assert_states_equal(s, b)
     single = fedavg.weighted_average(states[:1], [1])
     single[A_KEY].add_(1.0)
@@ -72,7 +72,7 @@ def test_returns_new_tensors_and_does_not_touch_inputs():
 def test_dtype_and_device_preserved(dtype, device):
     states = [make_state(i, dtype, device) for i in range(3)]
     out = fedavg.weighted_average(states, [1, 2, 3])
-    for k, t in out.items():
+    for t in out.values():
         assert t.dtype == dtype and t.device.type == device
 
 
@@ -81,13 +81,13 @@ def test_bf16_states_are_summed_in_fp32_and_rounded_once():
     g = torch.Generator().manual_seed(0)
     states = [{"w": (1 + torch.rand(4096, generator=g)).bfloat16()} for _ in range(64)]
     weights = [1.0 + i % 5 for i in range(64)]
-    exact = sum(w * s["w"].double() for w, s in zip(weights, states)) / sum(weights)
+    exact = sum(w * s["w"].double() for w, s in zip(weights, states, strict=True)) / sum(weights)
     out = fedavg.weighted_average(states, weights)["w"]
     assert out.dtype == torch.bfloat16
     err = (out.double() - exact).abs().max().item()
     assert err <= 2**-8 + 1e-6  # half an ulp: correct rounding of the fp32-accurate mean
     naive = torch.zeros(4096, dtype=torch.bfloat16)  # what summing in bf16 would give
-    for w, s in zip(weights, states):
+    for w, s in zip(weights, states, strict=True):
         naive = naive + (w / sum(weights)) * s["w"]
     assert (naive.double() - exact).abs().max().item() > 2 * err
 
@@ -99,14 +99,14 @@ def test_lora_factor_average_identity_from_docstring():
     p = [w / sum(weights) for w in weights]
     avg = fedavg.weighted_average(states, weights)
     A, B = avg[A_KEY], avg[B_KEY]
-    mean_of_products = sum(pk * s[B_KEY] @ s[A_KEY] for pk, s in zip(p, states))
-    covariance = sum(pk * (s[B_KEY] - B) @ (s[A_KEY] - A) for pk, s in zip(p, states))
+    mean_of_products = sum(pk * s[B_KEY] @ s[A_KEY] for pk, s in zip(p, states, strict=True))
+    covariance = sum(pk * (s[B_KEY] - B) @ (s[A_KEY] - A) for pk, s in zip(p, states, strict=True))
     assert (B @ A - mean_of_products).abs().max() > 1e-2  # the product of averages is off...
     torch.testing.assert_close(B @ A + covariance, mean_of_products)  # ...by exactly the covariance
     for s in states:
         s[A_KEY] = states[0][A_KEY].clone()  # FFA-LoRA: one A for all clients
     avg = fedavg.weighted_average(states, weights)
-    torch.testing.assert_close(avg[B_KEY] @ avg[A_KEY], sum(pk * s[B_KEY] @ s[A_KEY] for pk, s in zip(p, states)))
+    torch.testing.assert_close(avg[B_KEY] @ avg[A_KEY], sum(pk * s[B_KEY] @ s[A_KEY] for pk, s in zip(p, states, strict=True)))
 
 
 @pytest.mark.parametrize("states,weights,match", [
@@ -239,13 +239,13 @@ def reference_run(kind, globals_, averages, lr, momentum=0.9, b1=0.9, b2=0.99, e
     Delta = average - x, x <- x + lr * (update)."""
     outs = []
     m, v = {}, {}
-    for g, avg in zip(globals_, averages):
+    for g, avg in zip(globals_, averages, strict=True):
         out = {}
         for k in g:
             flat_x, flat_a = g[k].double().flatten().tolist(), avg[k].double().flatten().tolist()
             mk, vk = m.get(k, [0.0] * len(flat_x)), v.get(k, [0.0] * len(flat_x))
             new = []
-            for j, (x, a) in enumerate(zip(flat_x, flat_a)):
+            for j, (x, a) in enumerate(zip(flat_x, flat_a, strict=True)):
                 step = a - x
                 if kind == "fedavgm":
                     mk[j] = momentum * mk[j] - step
@@ -275,7 +275,7 @@ def test_server_optimizers_match_reference_over_three_steps(kind, kwargs):
     for avg in averages:
         globals_.append(opt.step(globals_[-1], avg))
     refs = reference_run(kind, globals_[:-1], averages, **ref_kwargs)
-    for out, ref in zip(globals_[1:], refs):
+    for out, ref in zip(globals_[1:], refs, strict=True):
         for k in out:
             torch.testing.assert_close(out[k].double(), ref[k], rtol=1e-5, atol=1e-5)
     assert opt.steps == 3

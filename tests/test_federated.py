@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import federated
-from conftest import run_main
 import fedavg
+import federated
 import lora
+from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")

@@ -11,50 +11,14 @@ import pytest
 import torch
 
 import data as D
-from conftest import run_main, tiny_dir
 import infer
 import lora
 import model as M
+from conftest import run_main, tiny_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # fewer layers: PEFT's DoRA is slow to generate with
 PROMPT = "What is the opposite of hot?"
-
-
-@pytest.fixture(scope="session")
-def adapters(cache_dir, tmp_path_factory):
-    """Adapter directories on the tiny base: lora, lora2, dora, lora_qv (q_proj and v_proj only) and
-    other_base (made for a smaller Qwen2, whose layer names match but whose shapes do not)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    d = tmp_path_factory.mktemp("adapters")
-    tiny = tiny_dir(cache_dir)
-    out = {name: make_adapter(tiny, d / name, seed=seed, **kw) for name, seed, kw in [
-        ("lora", 1, {}), ("lora2", 2, {}), ("dora", 3, {"use_dora": True, "targets": DORA_TARGETS}),
-        ("lora_qv", 4, {"targets": ["q_proj", "v_proj"]})]}
-    other = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    lora.inject(other, TARGETS, r=4, alpha=8)
-    lora.save_adapter(other, d / "other_base")
-    out["other_base"] = str(d / "other_base")
-    return out
-
-
-def make_adapter(base_path, out_dir, seed=1, use_dora=False, targets=TARGETS):
-    """A random (as if trained) adapter on the base, saved in PEFT's format: quicker than training one."""
-    model, _ = M.load_model(base_path, "none", torch.float32, "cpu", "auto", gradient_checkpointing=False)
-    lora.inject(model, targets, r=4, alpha=8, use_dora=use_dora)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif "lora_magnitude" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-    lora.save_adapter(model, out_dir, base_model_name_or_path=base_path)
-    return str(out_dir)
 
 
 def fp32(cache_dir):
@@ -186,7 +150,7 @@ def test_batch_predictions_equal_peft_one_by_one(cache_dir, adapters, tmp_path, 
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert len({len(D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"]))) for r in records}) > 1
     theirs = peft_model(tiny, adapters["lora"])
-    for r, row in zip(records, rows):
+    for r, row in zip(records, rows, strict=True):
         ids = D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"]))
         assert row["prediction"] == tok.decode(greedy(theirs, ids, 6), skip_special_tokens=True).strip()
 

@@ -116,7 +116,7 @@ def test_forward_and_grads_match_dense_float64(use_dora, use_rslora, bias):
     ref_out = dense_reference(m, x, A=leaves[0], B=leaves[1], mag=leaves[2] if use_dora else None)
     ref = torch.autograd.grad((ref_out * w.double()).sum(), leaves)
     assert m.config["default"]["scale"] == (8 / 2 if use_rslora else 8 / 4)
-    for g_ours, g_ref in zip(ours, ref):
+    for g_ours, g_ref in zip(ours, ref, strict=True):
         assert_close(g_ours, g_ref, 1e-5)
 
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
-from conftest import run_main, tiny_dir
 import infer
 import merge
 import model as M
-from test_infer import ROOT, adapters, fp32  # noqa: F401 (adapters: a fixture)
+from conftest import run_main, tiny_dir
+from test_infer import ROOT, fp32
 
 QUESTIONS = ["Give the opposite of the word happy.", "Classify: lion", "Translate into our language: cat"]
 
