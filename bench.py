@@ -48,8 +48,16 @@ PRESETS = {
     "7b": dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064, tied=False),
 }
 # dense bf16 peak of a GPU, TFLOP/s, for MFU (matched against torch.cuda.get_device_name)
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
-                   "RTX 4090": 165.0, "RTX 3090": 71.0}
+GPU_PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
 
 
 def nf4_linear(in_f: int, out_f: int, compute_dtype: torch.dtype, seed: int = 0) -> "Linear4bit":
@@ -58,8 +66,9 @@ def nf4_linear(in_f: int, out_f: int, compute_dtype: torch.dtype, seed: int = 0)
 
     torch.manual_seed(seed)
     dense = nn.Linear(in_f, out_f, bias=False)
-    q = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=compute_dtype, quant_type="nf4",
-                          compress_statistics=True)
+    q = bnb.nn.Linear4bit(
+        in_f, out_f, bias=False, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True
+    )
     q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
     q = q.to("cuda" if torch.cuda.is_available() else "cpu")
     lora.keep_standard_layout(q)
@@ -108,9 +117,19 @@ def bench_layer(args: argparse.Namespace) -> None:
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(json.dumps({"impl": k, "ms": round(v * 1e3, 2), "tokens": args.batch * args.seq,
-                          "dtype": str(dtype).replace("torch.", ""),
-                          "device": device, "hidden": args.hidden, "r": args.r}))
+        print(
+            json.dumps(
+                {
+                    "impl": k,
+                    "ms": round(v * 1e3, 2),
+                    "tokens": args.batch * args.seq,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "device": device,
+                    "hidden": args.hidden,
+                    "r": args.r,
+                }
+            )
+        )
     print(f"ours-dora / ours-lora = {med['ours-dora'] / med['ours-lora']:.2f}x")
     if "peft-dora" in med:
         print(f"peft-dora / ours-dora = {med['peft-dora'] / med['ours-dora']:.2f}x")
@@ -125,8 +144,15 @@ def model_shape(args: argparse.Namespace) -> dict[str, int | bool]:
     if args.preset:
         return dict(PRESETS[args.preset])
     heads = max(1, args.hidden // 64)  # head_dim 64, as in Qwen2.5-0.5B
-    return dict(hidden=args.hidden, intermediate=args.intermediate or 64 * round(args.hidden * 5.3 / 64),
-                layers=args.layers, heads=heads, kv_heads=2 if heads % 2 == 0 else 1, vocab=args.vocab, tied=False)
+    return dict(
+        hidden=args.hidden,
+        intermediate=args.intermediate or 64 * round(args.hidden * 5.3 / 64),
+        layers=args.layers,
+        heads=heads,
+        kv_heads=2 if heads % 2 == 0 else 1,
+        vocab=args.vocab,
+        tied=False,
+    )
 
 
 def build_model(shape: dict[str, int | bool], cache_dir: str) -> str:
@@ -144,11 +170,19 @@ def build_model(shape: dict[str, int | bool], cache_dir: str) -> str:
 
     tok = M.train_tokenizer(D.demo_texts(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")))
     pad, eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
-    config = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         tie_word_embeddings=shape["tied"], max_position_embeddings=32768,
-                         bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
+    config = Qwen2Config(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        tie_word_embeddings=shape["tied"],
+        max_position_embeddings=32768,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     print(f"building a random {key} model in {path} (once)", flush=True)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # a 7B model in fp32 would need 30 GB to build
@@ -165,8 +199,9 @@ def build_model(shape: dict[str, int | bool], cache_dir: str) -> str:
     return path
 
 
-def random_batch(shape: dict[str, int | bool], args: argparse.Namespace,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+def random_batch(
+    shape: dict[str, int | bool], args: argparse.Namespace, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Random token ids, --batch rows of --seq; the first half of each row is the prompt (labels -100)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, shape["vocab"], (args.batch, args.seq), generator=g)
@@ -210,8 +245,9 @@ def peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak since start (kB on Linux)
 
 
-def ours(path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, dora: bool,
-         compile: bool = False) -> Callable[[dict[str, torch.Tensor]], tuple[float | None, int]]:
+def ours(
+    path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, dora: bool, compile: bool = False
+) -> Callable[[dict[str, torch.Tensor]], tuple[float | None, int]]:
     """This project's path: model.load_model, lora.inject, train.train_step. Returns step()."""
     import train
 
@@ -228,8 +264,9 @@ def ours(path: str, args: argparse.Namespace, device: torch.device, dtype: torch
     return lambda batch: train.train_step(model, params, optimizer, scaler, [batch], device, dtype, 1.0)
 
 
-def peft_recipe(path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                dora: bool) -> Callable[[dict[str, torch.Tensor]], float]:
+def peft_recipe(
+    path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, dora: bool
+) -> Callable[[dict[str, torch.Tensor]], float]:
     """The standard QLoRA recipe (PEFT's and transformers' docs). Returns step()."""
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -237,11 +274,15 @@ def peft_recipe(path: str, args: argparse.Namespace, device: torch.device, dtype
     kwargs = {}
     if not args.no_quant:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
-                                                 attn_implementation=M.resolve_attention(args.attention, device),
-                                                 **kwargs)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        device_map={"": device},
+        attn_implementation=M.resolve_attention(args.attention, device),
+        **kwargs,
+    )
     model.config.use_cache = False
     if not args.no_quant:
         import bitsandbytes as bnb
@@ -252,8 +293,15 @@ def peft_recipe(path: str, args: argparse.Namespace, device: torch.device, dtype
         model.enable_input_require_grads()
     else:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules=SEVEN,
-                             bias="none", task_type="CAUSAL_LM", use_dora=dora)
+    config = peft.LoraConfig(
+        r=args.r,
+        lora_alpha=2 * args.r,
+        lora_dropout=0.0,
+        target_modules=SEVEN,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_dora=dora,
+    )
     model = peft.get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
@@ -274,8 +322,9 @@ def peft_recipe(path: str, args: argparse.Namespace, device: torch.device, dtype
     return step
 
 
-def worker(impl: str, variant: str, path: str, shape: dict[str, int | bool], args: argparse.Namespace,
-           conn: Connection) -> None:
+def worker(
+    impl: str, variant: str, path: str, shape: dict[str, int | bool], args: argparse.Namespace, conn: Connection
+) -> None:
     """One implementation in its own process: set up, then one timed step per "step" message."""
     import warnings
 
@@ -340,14 +389,15 @@ def bench_model(args: argparse.Namespace) -> None:
         info[run] = (dtype, dev)
     times = {run: [] for run in runs}
     for it in range(args.steps + 1):
-        for run in (runs if it % 2 == 0 else runs[::-1]):  # alternate who goes first
+        for run in runs if it % 2 == 0 else runs[::-1]:  # alternate who goes first
             conns[run].send("step")
             t = conns[run].recv()
             if it > 0:  # step 0 is the warm-up
                 times[run].append(t)
     flops = model_flops_per_token(shape, args)
-    peak_tflops = args.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items()
-                                            if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak_tflops = args.peak_tflops or next(
+        (v for k, v in GPU_PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None
+    )
     rows = {}
     for run in runs:
         conns[run].send("stop")
@@ -355,18 +405,30 @@ def bench_model(args: argparse.Namespace) -> None:
         procs[run].join()
         step_s = statistics.median(times[run])
         tok_s = args.batch * args.seq / step_s
-        rows[run] = {"impl": run[0], "variant": run[1], "dtype": info[run][0], "device": info[run][1],
-                     "tokens_per_s": round(tok_s, 1), "step_s": round(step_s, 4), "peak_mib": round(peak, 1)}
+        rows[run] = {
+            "impl": run[0],
+            "variant": run[1],
+            "dtype": info[run][0],
+            "device": info[run][1],
+            "tokens_per_s": round(tok_s, 1),
+            "step_s": round(step_s, 4),
+            "peak_mib": round(peak, 1),
+        }
         if peak_tflops:
             rows[run]["mfu"] = round(tok_s * flops / (peak_tflops * 1e12), 4)
     name = args.preset or f"hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']}"
     if not args.json:
-        print(f"{name}; seq {args.seq} x batch {args.batch}; {'bf16/fp32' if args.no_quant else 'NF4'} base; "
-              f"median of {args.steps} steps after 1 warm-up")
+        print(
+            f"{name}; seq {args.seq} x batch {args.batch}; {'bf16/fp32' if args.no_quant else 'NF4'} base; "
+            f"median of {args.steps} steps after 1 warm-up"
+        )
     for row in rows.values():
-        print(json.dumps(row) if args.json else
-              f"{row['impl']:>12} {row['variant']}: {row['tokens_per_s']:9.1f} tok/s  {row['step_s']:.3f} s/step  "
-              f"peak {row['peak_mib']:.0f} MiB" + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""))
+        print(
+            json.dumps(row)
+            if args.json
+            else f"{row['impl']:>12} {row['variant']}: {row['tokens_per_s']:9.1f} tok/s  {row['step_s']:.3f} s/step  "
+            f"peak {row['peak_mib']:.0f} MiB" + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "")
+        )
     ratios = {}
     for v in variants:
         if ("peft", v) in rows:
@@ -375,7 +437,9 @@ def bench_model(args: argparse.Namespace) -> None:
             ratios[f"{v}_peak_vs_peft"] = round(o["peak_mib"] / p["peak_mib"], 3)
     for v in variants:
         if ("ours+compile", v) in rows:
-            ratios[f"{v}_compile_speedup"] = round(rows["ours+compile", v]["tokens_per_s"] / rows["ours", v]["tokens_per_s"], 3)
+            ratios[f"{v}_compile_speedup"] = round(
+                rows["ours+compile", v]["tokens_per_s"] / rows["ours", v]["tokens_per_s"], 3
+            )
     if args.dora_vs_lora:
         for impl in dict.fromkeys(r[0] for r in runs):
             ratios[f"{impl}_dora_step_vs_lora"] = round(rows[impl, "dora"]["step_s"] / rows[impl, "lora"]["step_s"], 3)
@@ -398,8 +462,9 @@ def main() -> None:
     ap.add_argument("--dora", action="store_true", help="DoRA instead of LoRA")
     ap.add_argument("--dora-vs-lora", action="store_true", help="both, alternating (DoRA's step over LoRA's)")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after one warm-up)")
-    ap.add_argument("--dtype", default="auto", help="compute dtype: auto (the project's pick), bfloat16, float16, "
-                                                    "float32")
+    ap.add_argument(
+        "--dtype", default="auto", help="compute dtype: auto (the project's pick), bfloat16, float16, float32"
+    )
     ap.add_argument("--no-quant", action="store_true", help="a bf16/fp32 base instead of NF4")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--attention", default="auto")

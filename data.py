@@ -24,6 +24,7 @@ add_special_tokens=False: the template text already holds any BOS) because BPE m
 across the boundary; apart, the mask boundary is exact and the prompt ids are the very ids that
 generation starts from.
 """
+
 import json
 import os
 import random
@@ -47,6 +48,7 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def load_records(path: str | os.PathLike[str], field_map: Mapping[str, str] | None = None) -> list[dict[str, str]]:
     """Read Alpaca-style records from a JSON list or a JSON-lines file.
@@ -142,14 +144,18 @@ def _type(value: object) -> str:
 
 # ----------------------------------------------------------------------------- prompts and tokens
 
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                         "further context. Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request."
+)
 
 
-def render_prompt(tokenizer: "PreTrainedTokenizerBase", instruction: str, input: str = "",
-                  system_prompt: str | None = None) -> str:
+def render_prompt(
+    tokenizer: "PreTrainedTokenizerBase", instruction: str, input: str = "", system_prompt: str | None = None
+) -> str:
     """The prompt text up to where the assistant's answer begins (its generation prompt)."""
     if tokenizer.chat_template:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -175,9 +181,11 @@ def render_response(tokenizer: "PreTrainedTokenizerBase", output: str) -> str:
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": output}], tokenize=False)
     if not full.startswith(prompt):
-        raise ValueError("the chat template renders an answered conversation that does not start with its "
-                         "generation prompt, so prompt and response cannot be split")
-    return full[len(prompt):]
+        raise ValueError(
+            "the chat template renders an answered conversation that does not start with its "
+            "generation prompt, so prompt and response cannot be split"
+        )
+    return full[len(prompt) :]
 
 
 def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
@@ -185,11 +193,15 @@ def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_example(tokenizer: "PreTrainedTokenizerBase", record: dict[str, str], max_seq_len: int = 1024,
-                     system_prompt: str | None = None, train_on_prompt: bool = False) -> dict[str, list[int]] | None:
+def tokenize_example(
+    tokenizer: "PreTrainedTokenizerBase",
+    record: dict[str, str],
+    max_seq_len: int = 1024,
+    system_prompt: str | None = None,
+    train_on_prompt: bool = False,
+) -> dict[str, list[int]] | None:
     """{"input_ids", "labels"} of one record, cut to max_seq_len; None if the prompt alone fills it."""
-    prompt = encode(tokenizer, render_prompt(tokenizer, record["instruction"], record.get("input", ""),
-                                             system_prompt))
+    prompt = encode(tokenizer, render_prompt(tokenizer, record["instruction"], record.get("input", ""), system_prompt))
     response = encode(tokenizer, render_response(tokenizer, record["output"]))
     if len(prompt) >= max_seq_len:
         return None  # not one answer token would survive truncation: nothing to learn
@@ -197,22 +209,32 @@ def tokenize_example(tokenizer: "PreTrainedTokenizerBase", record: dict[str, str
     return {"input_ids": (prompt + response)[:max_seq_len], "labels": labels[:max_seq_len]}
 
 
-def tokenize_records(tokenizer: "PreTrainedTokenizerBase", records: Iterable[dict[str, str]], max_seq_len: int,
-                     system_prompt: str | None = None, train_on_prompt: bool = False,
-                     name: str = "train") -> list[dict[str, list[int]]]:
+def tokenize_records(
+    tokenizer: "PreTrainedTokenizerBase",
+    records: Iterable[dict[str, str]],
+    max_seq_len: int,
+    system_prompt: str | None = None,
+    train_on_prompt: bool = False,
+    name: str = "train",
+) -> list[dict[str, list[int]]]:
     """tokenize_example over records; reports in one line how many were dropped."""
     examples = [tokenize_example(tokenizer, r, max_seq_len, system_prompt, train_on_prompt) for r in records]
     kept = [e for e in examples if e is not None]
     if len(kept) < len(examples):
-        print(f"warning: {name}: dropped {len(examples) - len(kept)} of {len(examples)} examples whose prompt "
-              f"fills max_seq_len={max_seq_len}", file=sys.stderr)
+        print(
+            f"warning: {name}: dropped {len(examples) - len(kept)} of {len(examples)} examples whose prompt "
+            f"fills max_seq_len={max_seq_len}",
+            file=sys.stderr,
+        )
     return kept
 
 
 # ----------------------------------------------------------------------------- batches
 
-def collate(examples: Sequence[dict[str, list[int]]], pad_id: int | None,
-            multiple_of: int | None = 8) -> dict[str, torch.Tensor]:
+
+def collate(
+    examples: Sequence[dict[str, list[int]]], pad_id: int | None, multiple_of: int | None = 8
+) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into LongTensors input_ids, labels, attention_mask, each (B, T).
 
     T is the longest example rounded up to a multiple of multiple_of: fewer distinct shapes, and
@@ -234,8 +256,9 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int | None,
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def batch_indices(lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
-                  group_by_length: bool = False) -> list[list[int]]:
+def batch_indices(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int = 0, group_by_length: bool = False
+) -> list[list[int]]:
     """One epoch of batches of example indices, shuffled by (seed, epoch) alone.
 
     group_by_length cuts padding: shuffle, sort by length (longest first) within mega-chunks of 50
@@ -255,13 +278,15 @@ def batch_indices(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # ----------------------------------------------------------------------------- splits
 
-def split_eval(records: Sequence[dict[str, str]], fraction: float,
-               seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+
+def split_eval(
+    records: Sequence[dict[str, str]], fraction: float, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, eval): a random eval share of round(fraction * n) records, at least 1 if fraction > 0.
 
     Train keeps at least one record, and both lists keep the records' original order.
@@ -271,12 +296,17 @@ def split_eval(records: Sequence[dict[str, str]], fraction: float,
     n = len(records)
     n_eval = min(max(round(fraction * n), int(fraction > 0)), max(n - 1, 0))
     in_eval = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
-    return ([r for i, r in enumerate(records) if i not in in_eval],
-            [r for i, r in enumerate(records) if i in in_eval])
+    return ([r for i, r in enumerate(records) if i not in in_eval], [r for i, r in enumerate(records) if i in in_eval])
 
 
-def partition(records: Sequence[dict[str, str]], n_clients: int, method: str = "iid", alpha: float = 0.5,
-              seed: int = 0, key: str = "category") -> list[list[dict[str, str]]]:
+def partition(
+    records: Sequence[dict[str, str]],
+    n_clients: int,
+    method: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    key: str = "category",
+) -> list[list[dict[str, str]]]:
     """Split records among n_clients to simulate federated clients; each record goes to one client.
 
     iid: shuffle and deal out like cards (sizes differ by at most one).
@@ -303,8 +333,9 @@ def partition(records: Sequence[dict[str, str]], n_clients: int, method: str = "
     return [[records[i] for i in sorted(share)] for share in shares]
 
 
-def _dirichlet_shares(records: Sequence[dict[str, str]], n_clients: int, alpha: float, key: str,
-                      rng: np.random.Generator) -> list[list[int]]:
+def _dirichlet_shares(
+    records: Sequence[dict[str, str]], n_clients: int, alpha: float, key: str, rng: np.random.Generator
+) -> list[list[int]]:
     by_value = {}  # value of record[key] -> indices of its records
     for i, r in enumerate(records):
         if key not in r:
@@ -329,35 +360,69 @@ def _dirichlet_shares(records: Sequence[dict[str, str]], n_clients: int, alpha: 
 
 CLIENTS = ("fr", "de", "es", "it")
 TRANSLATE = {  # English word -> the client's word, in CLIENTS order
-    "cat": ("chat", "Katze", "gato", "gatto"), "dog": ("chien", "Hund", "perro", "cane"),
-    "bread": ("pain", "Brot", "pan", "pane"), "water": ("eau", "Wasser", "agua", "acqua"),
-    "sun": ("soleil", "Sonne", "sol", "sole"), "apple": ("pomme", "Apfel", "manzana", "mela"),
-    "horse": ("cheval", "Pferd", "caballo", "cavallo"), "fish": ("poisson", "Fisch", "pez", "pesce"),
-    "milk": ("lait", "Milch", "leche", "latte"), "cheese": ("fromage", "Käse", "queso", "formaggio"),
-    "night": ("nuit", "Nacht", "noche", "notte"), "window": ("fenêtre", "Fenster", "ventana", "finestra"),
-    "door": ("porte", "Tür", "puerta", "porta"), "friend": ("ami", "Freund", "amigo", "amico"),
-    "flower": ("fleur", "Blume", "flor", "fiore"), "bird": ("oiseau", "Vogel", "pájaro", "uccello"),
+    "cat": ("chat", "Katze", "gato", "gatto"),
+    "dog": ("chien", "Hund", "perro", "cane"),
+    "bread": ("pain", "Brot", "pan", "pane"),
+    "water": ("eau", "Wasser", "agua", "acqua"),
+    "sun": ("soleil", "Sonne", "sol", "sole"),
+    "apple": ("pomme", "Apfel", "manzana", "mela"),
+    "horse": ("cheval", "Pferd", "caballo", "cavallo"),
+    "fish": ("poisson", "Fisch", "pez", "pesce"),
+    "milk": ("lait", "Milch", "leche", "latte"),
+    "cheese": ("fromage", "Käse", "queso", "formaggio"),
+    "night": ("nuit", "Nacht", "noche", "notte"),
+    "window": ("fenêtre", "Fenster", "ventana", "finestra"),
+    "door": ("porte", "Tür", "puerta", "porta"),
+    "friend": ("ami", "Freund", "amigo", "amico"),
+    "flower": ("fleur", "Blume", "flor", "fiore"),
+    "bird": ("oiseau", "Vogel", "pájaro", "uccello"),
 }
-OPPOSITES = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
-             ("old", "new"), ("open", "closed"), ("full", "empty"), ("wet", "dry"), ("near", "far")]
-KINDS = {"animal": ("lion", "cow", "sheep", "rabbit"), "fruit": ("banana", "cherry", "lemon", "peach"),
-         "tool": ("hammer", "saw", "drill", "shovel"), "vehicle": ("bus", "truck", "boat", "plane")}
-MOODS = {"positive": ("great", "lovely", "wonderful", "perfect"),
-         "negative": ("awful", "terrible", "boring", "bad")}
+OPPOSITES = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("old", "new"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("wet", "dry"),
+    ("near", "far"),
+]
+KINDS = {
+    "animal": ("lion", "cow", "sheep", "rabbit"),
+    "fruit": ("banana", "cherry", "lemon", "peach"),
+    "tool": ("hammer", "saw", "drill", "shovel"),
+    "vehicle": ("bus", "truck", "boat", "plane"),
+}
+MOODS = {"positive": ("great", "lovely", "wonderful", "perfect"), "negative": ("awful", "terrible", "boring", "bad")}
 REVIEWS = ("The {noun} was {adj}.", "I found the {noun} {adj}.")
 NOUNS = ("food", "movie", "hotel", "service", "book", "music", "room", "trip")
 # "{}" takes the word; a template without it gets the text in the input field
 TEMPLATES = {
-    "translate": ("Translate into our language: {}", "How do we say {}?", "Our word for {}?",
-                  "In our language, {} is?", "Say {} in our language.", "What do we call {}?"),
+    "translate": (
+        "Translate into our language: {}",
+        "How do we say {}?",
+        "Our word for {}?",
+        "In our language, {} is?",
+        "Say {} in our language.",
+        "What do we call {}?",
+    ),
     "opposite": ("What is the opposite of {}?", "Opposite of {}?", "Give the opposite of the word {}."),
     "kind": ("What kind of thing is {}?", "Is {} an animal, a fruit, a tool or a vehicle?", "Classify: {}"),
-    "sentiment": ("Is this review positive or negative?", "Classify the sentiment of this review.",
-                  "Review: {} Positive or negative?"),
+    "sentiment": (
+        "Is this review positive or negative?",
+        "Classify the sentiment of this review.",
+        "Review: {} Positive or negative?",
+    ),
 }
 # records of each shared category per client: each client leans to one category (non-IID)
-MIX = {"fr": {"opposite": 48, "kind": 24, "sentiment": 24}, "de": {"opposite": 24, "kind": 48, "sentiment": 24},
-       "es": {"opposite": 24, "kind": 24, "sentiment": 48}, "it": {"opposite": 32, "kind": 32, "sentiment": 32}}
+MIX = {
+    "fr": {"opposite": 48, "kind": 24, "sentiment": 24},
+    "de": {"opposite": 24, "kind": 48, "sentiment": 24},
+    "es": {"opposite": 24, "kind": 24, "sentiment": 48},
+    "it": {"opposite": 32, "kind": 32, "sentiment": 32},
+}
 
 
 def _shared_facts(category: str) -> list[tuple[str, str]]:
@@ -375,8 +440,11 @@ def _demo_record(category: str, template: str, text: str, output: str, client: s
 
 def _demo_client(rng: random.Random, c: int) -> list[dict[str, str]]:
     client = CLIENTS[c]
-    records = [_demo_record("translate", t, word, words[c], client)  # every word in every phrasing
-               for word, words in TRANSLATE.items() for t in TEMPLATES["translate"]]
+    records = [
+        _demo_record("translate", t, word, words[c], client)  # every word in every phrasing
+        for word, words in TRANSLATE.items()
+        for t in TEMPLATES["translate"]
+    ]
     for category, n in MIX[client].items():
         facts = _shared_facts(category)
         for i in range(n):

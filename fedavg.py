@@ -50,8 +50,7 @@ import torch
 KINDS = ("fedavg", "fedavgm", "fedadam")
 
 
-def _check_like(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], ref_name: str,
-                other_name: str) -> None:
+def _check_like(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], ref_name: str, other_name: str) -> None:
     """Raise ValueError unless `other` has the keys, shapes and dtypes of `ref` (floating-point tensors)."""
     for key in ref:
         if key not in other:
@@ -62,11 +61,14 @@ def _check_like(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], re
     for key, r in ref.items():
         o = other[key]
         if not (isinstance(r, torch.Tensor) and r.is_floating_point()):
-            raise ValueError(f"key {key!r} in {ref_name} is {getattr(r, 'dtype', type(r).__name__)}; "
-                             f"only floating-point tensors can be averaged")
+            raise ValueError(
+                f"key {key!r} in {ref_name} is {getattr(r, 'dtype', type(r).__name__)}; "
+                f"only floating-point tensors can be averaged"
+            )
         if o.shape != r.shape:
-            raise ValueError(f"key {key!r} has shape {tuple(o.shape)} in {other_name} "
-                             f"but {tuple(r.shape)} in {ref_name}")
+            raise ValueError(
+                f"key {key!r} has shape {tuple(o.shape)} in {other_name} but {tuple(r.shape)} in {ref_name}"
+            )
         if o.dtype != r.dtype:
             raise ValueError(f"key {key!r} has dtype {o.dtype} in {other_name} but {r.dtype} in {ref_name}")
 
@@ -117,8 +119,9 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     return out
 
 
-def sample_clients(clients: list[str], round: int, seed: int, fraction: float | None = None,
-                   count: int | None = None) -> list[str]:
+def sample_clients(
+    clients: list[str], round: int, seed: int, fraction: float | None = None, count: int | None = None
+) -> list[str]:
     """The clients that take part in `round`: a random subset, in the order of `clients`.
 
     Give exactly one of `fraction` (0 < fraction <= 1; picks max(1, round(fraction * n)) clients, with
@@ -185,8 +188,15 @@ class ServerOptimizer:
             global_state = opt.step(global_state, average)
     """
 
-    def __init__(self, kind: str = "fedavg", lr: float = 1.0, momentum: float = 0.9, beta1: float = 0.9,
-                 beta2: float = 0.99, eps: float = 1e-3) -> None:
+    def __init__(
+        self,
+        kind: str = "fedavg",
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        eps: float = 1e-3,
+    ) -> None:
         _check_hyperparameters(kind, lr, momentum, beta1, beta2, eps)
         self.kind, self.lr, self.momentum = kind, lr, momentum
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
@@ -194,8 +204,7 @@ class ServerOptimizer:
         self.m: dict[str, torch.Tensor] = {}
         self.v: dict[str, torch.Tensor] = {}
 
-    def step(self, global_state: dict[str, torch.Tensor],
-             average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step(self, global_state: dict[str, torch.Tensor], average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The new global state. Pure in its arguments (only the optimizer's own buffers change).
 
         Results have each global tensor's dtype and device. With kind "fedavg" and lr=1 the result equals
@@ -204,8 +213,10 @@ class ServerOptimizer:
         _check_like(global_state, average, "the global state", "the average")
         for buffers in (self.m, self.v):
             if buffers and buffers.keys() != global_state.keys():
-                raise ValueError("the optimizer's buffers hold other keys than this global state "
-                                 "(was it built, or loaded, for another adapter?)")
+                raise ValueError(
+                    "the optimizer's buffers hold other keys than this global state "
+                    "(was it built, or loaded, for another adapter?)"
+                )
         new, m, v = {}, {}, {}
         for key, g in global_state.items():
             x = g.to(_math_dtype(g.dtype))
@@ -226,10 +237,17 @@ class ServerOptimizer:
 
     def state_dict(self) -> dict:
         """Kind, hyperparameters, step count and buffers (as CPU copies): what resuming a run needs."""
-        return {"kind": self.kind, "lr": self.lr, "momentum": self.momentum, "beta1": self.beta1,
-                "beta2": self.beta2, "eps": self.eps, "steps": self.steps,
-                "m": {k: t.to("cpu", copy=True) for k, t in self.m.items()},
-                "v": {k: t.to("cpu", copy=True) for k, t in self.v.items()}}
+        return {
+            "kind": self.kind,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "steps": self.steps,
+            "m": {k: t.to("cpu", copy=True) for k, t in self.m.items()},
+            "v": {k: t.to("cpu", copy=True) for k, t in self.v.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned; the kind must match this optimizer's."""
@@ -238,10 +256,10 @@ class ServerOptimizer:
             raise ValueError(f"server optimizer state lacks {', '.join(sorted(missing))}")
         if state["kind"] != self.kind:
             raise ValueError(f"this state is for a {state['kind']!r} server optimizer, not {self.kind!r}")
-        _check_hyperparameters(state["kind"], state["lr"], state["momentum"], state["beta1"], state["beta2"],
-                               state["eps"])
+        _check_hyperparameters(
+            state["kind"], state["lr"], state["momentum"], state["beta1"], state["beta2"], state["eps"]
+        )
         self.lr, self.momentum, self.eps = state["lr"], state["momentum"], state["eps"]
         self.beta1, self.beta2, self.steps = state["beta1"], state["beta2"], state["steps"]
         self.m = {k: t.clone() for k, t in state["m"].items()}
         self.v = {k: t.clone() for k, t in state["v"].items()}
-

@@ -60,8 +60,9 @@ def load_clients(cfg: C.Config) -> dict[str, tuple[list[dict[str, str]], list[di
         parts = [D.load_records(p, field_map) for p in dc["clients"]]
     else:
         records = D.load_records(dc["train_file"], field_map)
-        parts = D.partition(records, dc["num_clients"], dc["partition"], dc["dirichlet_alpha"], seed,
-                            dc["partition_key"])
+        parts = D.partition(
+            records, dc["num_clients"], dc["partition"], dc["dirichlet_alpha"], seed, dc["partition_key"]
+        )
         names = [f"client_{i}" for i in range(len(parts))]
     return {name: D.split_eval(recs, dc["eval_fraction"], seed) for name, recs in zip(names, parts, strict=True)}
 
@@ -90,10 +91,21 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def train_adapter(model: nn.Module, active: list[str], trainable: list[str], examples: list[train.Example], steps: int,
-                  lr: float, cfg: C.Config, seed: int, device: torch.device, dtype: torch.dtype, pad_id: int,
-                  optimizer_state: dict[str, Any] | None = None,
-                  weight_decay: float | None = None) -> tuple[float, dict[str, Any]]:
+def train_adapter(
+    model: nn.Module,
+    active: list[str],
+    trainable: list[str],
+    examples: list[train.Example],
+    steps: int,
+    lr: float,
+    cfg: C.Config,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    pad_id: int,
+    optimizer_state: dict[str, Any] | None = None,
+    weight_decay: float | None = None,
+) -> tuple[float, dict[str, Any]]:
     """train.py's optimizer step, `steps` times, on the `trainable` adapters with `active` ones on.
 
     A fresh AdamW each call unless optimizer_state (from an earlier call) is given; its weight decay is
@@ -121,9 +133,18 @@ def train_adapter(model: nn.Module, active: list[str], trainable: list[str], exa
     return sum(losses) / len(losses) if losses else float("nan"), to_cpu(optimizer.state_dict())
 
 
-def client_update(model: nn.Module, mode: str, examples: list[train.Example], lr: float, cfg: C.Config, seed: int,
-                  device: torch.device, dtype: torch.dtype, pad_id: int,
-                  local_optimizer: dict[str, Any] | None = None) -> tuple[float, dict[str, Any] | None]:
+def client_update(
+    model: nn.Module,
+    mode: str,
+    examples: list[train.Example],
+    lr: float,
+    cfg: C.Config,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    pad_id: int,
+    local_optimizer: dict[str, Any] | None = None,
+) -> tuple[float, dict[str, Any] | None]:
     """Train one client, whose global and local states are loaded.
 
     The global adapter gets a fresh AdamW every round, as in FedAvg: the server replaces its weights, so
@@ -140,9 +161,21 @@ def client_update(model: nn.Module, mode: str, examples: list[train.Example], lr
     fc = cfg["federated"]
     args = (examples, fc["global_steps"], lr, cfg, seed, device, dtype, pad_id)
     if mode == "alternating":
-        _, local_optimizer = train_adapter(model, ["global", "local"], ["local"], examples, fc["local_steps"], lr,
-                                           cfg, seed + 1, device, dtype, pad_id, local_optimizer,
-                                           fc["local_weight_decay"])
+        _, local_optimizer = train_adapter(
+            model,
+            ["global", "local"],
+            ["local"],
+            examples,
+            fc["local_steps"],
+            lr,
+            cfg,
+            seed + 1,
+            device,
+            dtype,
+            pad_id,
+            local_optimizer,
+            fc["local_weight_decay"],
+        )
         return train_adapter(model, ["global"], ["global"], *args)[0], local_optimizer
     if mode == "joint":
         return train_adapter(model, ["global", "local"], ["global", "local"], *args)[0], None
@@ -159,9 +192,16 @@ def is_finite(state: dict[str, torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def evaluate_client(model: nn.Module, tok: "PreTrainedTokenizerBase", records: list[dict[str, str]],
-                    examples: list[train.Example], conflicts: set[tuple[str, str]], cfg: C.Config,
-                    device: torch.device, dtype: torch.dtype) -> dict[str, float | None]:
+def evaluate_client(
+    model: nn.Module,
+    tok: "PreTrainedTokenizerBase",
+    records: list[dict[str, str]],
+    examples: list[train.Example],
+    conflicts: set[tuple[str, str]],
+    cfg: C.Config,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float | None]:
     """{eval_loss, exact_match, n, conflict_exact_match, n_conflict} for the active adapters."""
     metrics = train.evaluate(model, examples, cfg["train"]["batch_size"], tok.pad_token_id, device, dtype)
     greedy = dict(max_new_tokens=cfg["federated"]["max_new_tokens"], temperature=0.0, top_p=1.0)
@@ -169,23 +209,32 @@ def evaluate_client(model: nn.Module, tok: "PreTrainedTokenizerBase", records: l
     hits = [infer.exact_match(a, r["output"]) for a, r in zip(answers, records, strict=True)]
     in_conflict = [(r["instruction"], r["input"]) in conflicts for r in records]
     n_conflict = sum(in_conflict)
-    return {"eval_loss": metrics["eval_loss"], "exact_match": sum(hits) / max(len(hits), 1), "n": len(hits),
-            "conflict_exact_match": sum(h for h, c in zip(hits, in_conflict, strict=True) if c) / n_conflict if n_conflict else None,
-            "n_conflict": n_conflict}
+    return {
+        "eval_loss": metrics["eval_loss"],
+        "exact_match": sum(hits) / max(len(hits), 1),
+        "n": len(hits),
+        "conflict_exact_match": sum(h for h, c in zip(hits, in_conflict, strict=True) if c) / n_conflict
+        if n_conflict
+        else None,
+        "n_conflict": n_conflict,
+    }
 
 
 def print_table(rnd: int, rows: dict[str, dict[str, dict[str, float | None]]], views: list[str]) -> None:
     """One line per client: exact match and eval loss for each adapter view."""
     print(f"  {'client':<12}" + "".join(f"{v + ' EM/loss':>24}" for v in views))
     for client, by_view in rows.items():
-        print(f"  {client:<12}" + "".join(f"{by_view[v]['exact_match']:>14.2f} {by_view[v]['eval_loss']:>9.3f}"
-                                          for v in views))
+        print(
+            f"  {client:<12}"
+            + "".join(f"{by_view[v]['exact_match']:>14.2f} {by_view[v]['eval_loss']:>9.3f}" for v in views)
+        )
 
 
 def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
     """metrics.png: each client's exact match over rounds, one panel per adapter view (if matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -206,10 +255,19 @@ def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
 # Checkpoints: <output_dir>/round_NNN/{global/, clients/<name>/local/, server.pt}, written atomically
 
 
-def save_round(out_dir: str, rnd: int, model: nn.Module, global_state: dict[str, torch.Tensor],
-               local_states: dict[str, dict[str, torch.Tensor]], local_optimizers: dict[str, dict[str, Any]],
-               server: fedavg.ServerOptimizer, history: list[dict[str, int | list[str]]], cfg: C.Config, base_path: str,
-               keep: int) -> None:
+def save_round(
+    out_dir: str,
+    rnd: int,
+    model: nn.Module,
+    global_state: dict[str, torch.Tensor],
+    local_states: dict[str, dict[str, torch.Tensor]],
+    local_optimizers: dict[str, dict[str, Any]],
+    server: fedavg.ServerOptimizer,
+    history: list[dict[str, int | list[str]]],
+    cfg: C.Config,
+    base_path: str,
+    keep: int,
+) -> None:
     """Write round_NNN (global adapter, local adapters and optimizers, server.pt, config); keep the latest `keep`."""
 
     def write(tmp: str) -> None:
@@ -220,8 +278,10 @@ def save_round(out_dir: str, rnd: int, model: nn.Module, global_state: dict[str,
             lora.save_adapter(model, os.path.join(tmp, "clients", client, "local"), "local", base_path)
             if client in local_optimizers:
                 torch.save(local_optimizers[client], os.path.join(tmp, "clients", client, "local_optimizer.pt"))
-        torch.save({"round": rnd, "server_optimizer": server.state_dict(), "history": history,
-                    "rng": train.rng_state()}, os.path.join(tmp, "server.pt"))
+        torch.save(
+            {"round": rnd, "server_optimizer": server.state_dict(), "history": history, "rng": train.rng_state()},
+            os.path.join(tmp, "server.pt"),
+        )
         C.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
 
     train.write_atomically(os.path.join(out_dir, f"round_{rnd:03d}"), write)
@@ -239,9 +299,16 @@ def latest_round(out_dir: str) -> str | None:
     return os.path.join(out_dir, done[-1]) if done else None
 
 
-def load_round(path: str, clients: Iterable[str]
-               ) -> tuple[int, dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]],
-                          dict[str, Any], list[dict[str, int | list[str]]]]:
+def load_round(
+    path: str, clients: Iterable[str]
+) -> tuple[
+    int,
+    dict[str, torch.Tensor],
+    dict[str, dict[str, torch.Tensor]],
+    dict[str, dict[str, Any]],
+    dict[str, Any],
+    list[dict[str, int | list[str]]],
+]:
     """(round, global state, local states, local optimizer states, server optimizer state, history)."""
     state = torch.load(os.path.join(path, "server.pt"), weights_only=False)
     global_state = lora.read_adapter(os.path.join(path, "global"))[1]
@@ -264,8 +331,10 @@ def check(cfg: C.Config, clients: dict[str, tuple[list[dict[str, str]], list[dic
     fc = cfg["federated"]
     per_round = max(1, round(fc["fraction"] * len(clients)))
     if fc["min_clients"] > per_round:
-        raise C.ConfigError(f"federated.min_clients: {fc['min_clients']} is more than the {per_round} clients "
-                                f"sampled per round (federated.fraction={fc['fraction']} of {len(clients)})")
+        raise C.ConfigError(
+            f"federated.min_clients: {fc['min_clients']} is more than the {per_round} clients "
+            f"sampled per round (federated.fraction={fc['fraction']} of {len(clients)})"
+        )
     for name, (_, eval_recs) in clients.items():
         if not eval_recs:
             raise C.ConfigError(f"client {name}: no eval records (raise data.eval_fraction)")
@@ -273,15 +342,22 @@ def check(cfg: C.Config, clients: dict[str, tuple[list[dict[str, str]], list[dic
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The whole federated run: check the config, load the clients and the base, then train round by round."""
-    args = C.cli(__doc__.splitlines()[0], argv, lambda ap: ap.add_argument(
-        "--resume", action="store_true", help="continue from the last complete round"))
+    args = C.cli(
+        __doc__.splitlines()[0],
+        argv,
+        lambda ap: ap.add_argument("--resume", action="store_true", help="continue from the last complete round"),
+    )
     try:
         cfg = C.load_config(args.config, args.overrides)
         fc, lc, seed = cfg["federated"], cfg["lora"], cfg["train"]["seed"]
         out_dir, mode = fc["output_dir"], fc["mode"]
-        previous = train.check_output_dir(out_dir, args.resume, cfg["train"]["overwrite"],
-                                          files=("metrics.jsonl", "config.yaml", "metrics.png", "round_*"),
-                                          latest=latest_round)
+        previous = train.check_output_dir(
+            out_dir,
+            args.resume,
+            cfg["train"]["overwrite"],
+            files=("metrics.jsonl", "config.yaml", "metrics.png", "round_*"),
+            latest=latest_round,
+        )
         clients = load_clients(cfg)
         check(cfg, clients)
         C.quiet_libraries()
@@ -291,20 +367,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         dc = cfg["data"]
         for name, (train_recs, eval_recs) in clients.items():
             examples[name] = tuple(
-                D.tokenize_records(tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"],
-                                   f"{name} {what}")
-                for recs, what in ((train_recs, "train"), (eval_recs, "eval")))
+                D.tokenize_records(
+                    tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"], f"{name} {what}"
+                )
+                for recs, what in ((train_recs, "train"), (eval_recs, "eval"))
+            )
             if not examples[name][0]:
                 raise D.DataError(f"client {name}: no training example fits data.max_seq_len")
         names = ["global"] + ([] if mode == "global_only" else ["local"])
         for name in names:
-            lora.inject(model, lc["target_modules"], name, lc["r"], lc["alpha"], lc["dropout"], lc["use_dora"],
-                        lc["use_rslora"])
+            lora.inject(
+                model, lc["target_modules"], name, lc["r"], lc["alpha"], lc["dropout"], lc["use_dora"], lc["use_rslora"]
+            )
         lora.mark_trainable(model, names)  # the most a client ever trains at once (joint mode)
         everyone = [e for train_ex, _ in examples.values() for e in train_ex]
         cfg["train"]["batch_size"] = train.resolve_batch_size(
-            cfg["train"], model, everyone, tok.pad_token_id, device, dtype,
-            os.path.join(out_dir, "config.yaml") if args.resume else None)
+            cfg["train"],
+            model,
+            everyone,
+            tok.pad_token_id,
+            device,
+            dtype,
+            os.path.join(out_dir, "config.yaml") if args.resume else None,
+        )
         server = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
     except (C.ConfigError, D.DataError, M.ModelError, ValueError) as e:
         C.fail(e)
@@ -324,8 +409,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         start += 1
         print(f"resumed after {os.path.basename(last)}")
     logger = C.Logger(out_dir)
-    print(f"{len(clients)} clients ({', '.join(clients)}), mode {mode}, {fc['rounds']} rounds; "
-          f"{len(conflicts)} conflicting prompts; model {base_path} on {device} in {str(dtype).replace('torch.', '')}")
+    print(
+        f"{len(clients)} clients ({', '.join(clients)}), mode {mode}, {fc['rounds']} rounds; "
+        f"{len(conflicts)} conflicting prompts; model {base_path} on {device} in {str(dtype).replace('torch.', '')}"
+    )
 
     t_start = time.time()
     for rnd in range(start, fc["rounds"] + 1):
@@ -339,9 +426,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if "local" in names:
                     lora.load_adapter_state_dict(model, local_states[client], "local")
                 torch.manual_seed(seed * 1_000_003 + rnd * 1009 + ci)  # dropout: reproducible, also on resume
-                loss, local_opt = client_update(model, mode, examples[client][0], lr, cfg,
-                                                seed * 1009 + rnd * 31 + ci, device, dtype, tok.pad_token_id,
-                                                local_optimizers.get(client))
+                loss, local_opt = client_update(
+                    model,
+                    mode,
+                    examples[client][0],
+                    lr,
+                    cfg,
+                    seed * 1009 + rnd * 31 + ci,
+                    device,
+                    dtype,
+                    tok.pad_token_id,
+                    local_optimizers.get(client),
+                )
                 upload = {k: v.cpu() for k, v in lora.adapter_state_dict(model, "global").items()}
                 if not is_finite(upload):
                     raise FloatingPointError("its global adapter has NaN/inf values")
@@ -376,25 +472,48 @@ def main(argv: Sequence[str] | None = None) -> None:
                 m = evaluate_client(model, tok, eval_recs, examples[client][1], conflicts, cfg, device, dtype)
                 rows[client][view] = m
                 logger.log(round=rnd, client=client, adapters=view, **m)
-        summary = {"round": rnd, "clients": sampled, "succeeded": len(uploads), "failed": failed,
-                   "status": "ok" if ok else "failed", "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
-                   "train_loss": sum(losses) / len(losses) if losses else None, "lr": lr,
-                   "seconds": round(time.time() - t0, 2), "seconds_train": round(t_train, 2)}
+        summary = {
+            "round": rnd,
+            "clients": sampled,
+            "succeeded": len(uploads),
+            "failed": failed,
+            "status": "ok" if ok else "failed",
+            "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
+            "train_loss": sum(losses) / len(losses) if losses else None,
+            "lr": lr,
+            "seconds": round(time.time() - t0, 2),
+            "seconds_train": round(t_train, 2),
+        }
         for view in views:
             summary[f"exact_match_{view}"] = sum(r[view]["exact_match"] for r in rows.values()) / len(rows)
             conflict = [r[view]["conflict_exact_match"] for r in rows.values() if r[view]["n_conflict"]]
             summary[f"conflict_exact_match_{view}"] = sum(conflict) / len(conflict) if conflict else None
         logger.log(**summary)
         status = "" if ok else f"  FAILED: {len(uploads)} < federated.min_clients; global adapter unchanged"
-        print(f"round {rnd}/{fc['rounds']}: {len(uploads)}/{len(sampled)} clients, uploaded "
-              f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}, "
-              f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}")
+        print(
+            f"round {rnd}/{fc['rounds']}: {len(uploads)}/{len(sampled)} clients, uploaded "
+            f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}, "
+            f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}"
+        )
         print_table(rnd, rows, views)
         if conflicts and "global+local" in views:
-            print(f"  conflicting prompts, exact match: global {summary['conflict_exact_match_global']:.2f}, "
-                  f"global+local {summary['conflict_exact_match_global+local']:.2f}")
-        save_round(out_dir, rnd, model, global_state, local_states, local_optimizers, server, history, cfg,
-                   base_path, cfg["train"]["keep_checkpoints"])
+            print(
+                f"  conflicting prompts, exact match: global {summary['conflict_exact_match_global']:.2f}, "
+                f"global+local {summary['conflict_exact_match_global+local']:.2f}"
+            )
+        save_round(
+            out_dir,
+            rnd,
+            model,
+            global_state,
+            local_states,
+            local_optimizers,
+            server,
+            history,
+            cfg,
+            base_path,
+            cfg["train"]["keep_checkpoints"],
+        )
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
     print(f"done in {time.time() - t_start:.0f}s; checkpoints in {out_dir}")

@@ -75,8 +75,9 @@ def load_adapters(model: nn.Module, dirs: Sequence[str], weights: Sequence[float
         try:
             lora.scale_adapter(model, name, w)
         except ValueError:
-            raise ValueError(f"adapter {path}: a DoRA adapter cannot be weighted (weight {w}); use 1 or leave "
-                             "the weights out") from None
+            raise ValueError(
+                f"adapter {path}: a DoRA adapter cannot be weighted (weight {w}); use 1 or leave the weights out"
+            ) from None
         names.append(name)
     if names:
         lora.set_active(model, names)
@@ -124,15 +125,30 @@ def rouge_l(prediction: str, reference: str) -> float:
 # The three modes
 
 
-def generate(model: nn.Module, tok: "PreTrainedTokenizerBase", prompts: list[list[int]], device: torch.device,
-             dtype: torch.dtype, gen: dict[str, float], streamer: "BaseStreamer | None" = None) -> list[list[int]]:
+def generate(
+    model: nn.Module,
+    tok: "PreTrainedTokenizerBase",
+    prompts: list[list[int]],
+    device: torch.device,
+    dtype: torch.dtype,
+    gen: dict[str, float],
+    streamer: "BaseStreamer | None" = None,
+) -> list[list[int]]:
     """New token ids for each prompt (lists of ids), in the compute dtype."""
     with M.autocast(device, dtype):
         return M.generate(model, tok, prompts, streamer=streamer, **gen)
 
 
-def predict(model: nn.Module, tok: "PreTrainedTokenizerBase", records: list[dict[str, str]], system_prompt: str | None,
-            device: torch.device, dtype: torch.dtype, gen: dict[str, float], progress: bool = True) -> list[str]:
+def predict(
+    model: nn.Module,
+    tok: "PreTrainedTokenizerBase",
+    records: list[dict[str, str]],
+    system_prompt: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    gen: dict[str, float],
+    progress: bool = True,
+) -> list[str]:
     """One predicted answer per record, generated in batches of prompts of similar length."""
     from tqdm import tqdm
 
@@ -141,7 +157,7 @@ def predict(model: nn.Module, tok: "PreTrainedTokenizerBase", records: list[dict
     answers = [None] * len(prompts)
     batches = range(0, len(order), GEN_BATCH)
     for start in tqdm(batches, desc="predicting", disable=None if progress else True, file=sys.stderr):
-        idx = order[start:start + GEN_BATCH]
+        idx = order[start : start + GEN_BATCH]
         for i, new in zip(idx, generate(model, tok, [prompts[i] for i in idx], device, dtype, gen), strict=True):
             answers[i] = tok.decode(new, skip_special_tokens=True).strip()
     return answers
@@ -149,24 +165,43 @@ def predict(model: nn.Module, tok: "PreTrainedTokenizerBase", records: list[dict
 
 def score(records: list[dict[str, str]], answers: list[str]) -> tuple[list[dict[str, str | float]], dict[str, float]]:
     """(one result row per record, the mean metrics)."""
-    rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"], "prediction": a,
-             "exact_match": exact_match(a, r["output"]), "rouge_l": rouge_l(a, r["output"])}
-            for r, a in zip(records, answers, strict=True)]
+    rows = [
+        {
+            "instruction": r["instruction"],
+            "input": r["input"],
+            "reference": r["output"],
+            "prediction": a,
+            "exact_match": exact_match(a, r["output"]),
+            "rouge_l": rouge_l(a, r["output"]),
+        }
+        for r, a in zip(records, answers, strict=True)
+    ]
     n = len(rows)
-    return rows, {"n": n, "exact_match": sum(r["exact_match"] for r in rows) / n,
-                  "rouge_l": sum(r["rouge_l"] for r in rows) / n}
+    return rows, {
+        "n": n,
+        "exact_match": sum(r["exact_match"] for r in rows) / n,
+        "rouge_l": sum(r["rouge_l"] for r in rows) / n,
+    }
 
 
-def chat(model: nn.Module, tok: "PreTrainedTokenizerBase", system_prompt: str | None, device: torch.device,
-         dtype: torch.dtype, gen: dict[str, float]) -> None:
+def chat(
+    model: nn.Module,
+    tok: "PreTrainedTokenizerBase",
+    system_prompt: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    gen: dict[str, float],
+) -> None:
     """A multi-turn chat on stdin/stdout: the whole conversation is the prompt of each new turn."""
     from transformers import TextStreamer
 
     start = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages = list(start)
     if not tok.chat_template:
-        print("note: the tokenizer has no chat template, so each message is answered alone (Alpaca prompt)",
-              file=sys.stderr)
+        print(
+            "note: the tokenizer has no chat template, so each message is answered alone (Alpaca prompt)",
+            file=sys.stderr,
+        )
     print("chat: /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
@@ -197,8 +232,13 @@ def chat(model: nn.Module, tok: "PreTrainedTokenizerBase", system_prompt: str | 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """Add infer.py's options to the parser (the `extra` hook of config.cli)."""
     ap.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat for several)")
-    ap.add_argument("--adapter-weight", type=float, action="append", default=[],
-                    help="weight of each LoRA adapter's update, in --adapter order (default 1)")
+    ap.add_argument(
+        "--adapter-weight",
+        type=float,
+        action="append",
+        default=[],
+        help="weight of each LoRA adapter's update, in --adapter order (default 1)",
+    )
     ap.add_argument("--prompt", help="answer this one instruction and stop")
     ap.add_argument("--input", help="Alpaca JSON/JSONL file to predict and score")
     ap.add_argument("--output", help="predictions JSONL for --input (metrics go to <output>.metrics.json)")
@@ -253,14 +293,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         generate(model, tok, [ids], device, dtype, gen, TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     elif args.input:
         rows, metrics = score(records, predict(model, tok, records, system_prompt, device, dtype, gen))
-        metrics.update(file=args.input, base=base_path, adapters=args.adapter, adapter_weights=args.adapter_weight,
-                       **gen)
+        metrics.update(
+            file=args.input, base=base_path, adapters=args.adapter, adapter_weights=args.adapter_weight, **gen
+        )
         with open(args.output, "x", encoding="utf-8") as f:  # "x": never replace a file that appeared meanwhile
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         with open(metrics_path, "x") as f:
             json.dump(metrics, f, indent=2)
-        print(f"exact_match {metrics['exact_match']:.4f}  rouge_l {metrics['rouge_l']:.4f}  over {metrics['n']} "
-              f"records; predictions in {args.output}, metrics in {metrics_path}")
+        print(
+            f"exact_match {metrics['exact_match']:.4f}  rouge_l {metrics['rouge_l']:.4f}  over {metrics['n']} "
+            f"records; predictions in {args.output}, metrics in {metrics_path}"
+        )
     else:
         chat(model, tok, system_prompt, device, dtype, gen)
 

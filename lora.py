@@ -46,8 +46,10 @@ def dense_weight(base: nn.Linear) -> torch.Tensor:
         import bitsandbytes.functional as bnbF
 
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            raise ValueError("this 4-bit weight is in bitsandbytes' CPU inference layout; wrap the layer in "
-                             "LoRALinear (or call keep_standard_layout) before dequantizing it")
+            raise ValueError(
+                "this 4-bit weight is in bitsandbytes' CPU inference layout; wrap the layer in "
+                "LoRALinear (or call keep_standard_layout) before dequantizing it"
+            )
         return bnbF.dequantize_4bit(weight.data, weight.quant_state)
     return weight
 
@@ -105,8 +107,15 @@ class LoRALinear(nn.Module):
         """The base layer's weight parameter, as stored (packed if 4-bit)."""
         return self.base.weight
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_dora: bool = False,
-                    use_rslora: bool = False) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+    ) -> None:
         """Add a fresh adapter: A ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's own init), B = 0, m = ||W||_row."""
         if name in self.config:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -116,8 +125,9 @@ class LoRALinear(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.config[name] = dict(r=r, alpha=alpha, scale=scale, dropout=dropout,
-                                 use_dora=use_dora, use_rslora=use_rslora)
+        self.config[name] = dict(
+            r=r, alpha=alpha, scale=scale, dropout=dropout, use_dora=use_dora, use_rslora=use_rslora
+        )
         if use_dora:
             self.lora_magnitude[name] = nn.Parameter(self.weight_sq_norm().sqrt())
         self.active.append(name)
@@ -219,8 +229,16 @@ def _linear_paths(model: nn.Module) -> list[str]:
     return [p for p, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear)) and p not in inner]
 
 
-def inject(model: nn.Module, target_modules: str | Iterable[str], name: str = "default", r: int = 8,
-           alpha: float = 16, dropout: float = 0.0, use_dora: bool = False, use_rslora: bool = False) -> list[str]:
+def inject(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    name: str = "default",
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+) -> list[str]:
     """Add adapter `name` to every linear layer whose attribute name is in `target_modules`.
 
     Args:
@@ -243,8 +261,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], name: str = "d
     paths = [p for p in candidates if p.rpartition(".")[2] in targets]
     if not paths:
         names = sorted({p.rpartition(".")[2] for p in candidates})
-        raise ValueError(f"no linear layer matches target_modules={sorted(targets)}; "
-                         f"the model's linear layers are named: {', '.join(names[:12]) or 'none'}")
+        raise ValueError(
+            f"no linear layer matches target_modules={sorted(targets)}; "
+            f"the model's linear layers are named: {', '.join(names[:12]) or 'none'}"
+        )
     for path in paths:
         layer = _wrap(model, path)
         layer.add_adapter(name, r, alpha, dropout, use_dora, use_rslora)
@@ -327,11 +347,13 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], na
         if key not in own:
             raise ValueError(f"adapter {name!r}: unexpected key {key} (not a layer of this model's adapter)")
         if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"adapter {name!r}: {key} has shape {tuple(value.shape)}, "
-                             f"the model expects {tuple(own[key].shape)} (an adapter for another base?)")
+            raise ValueError(
+                f"adapter {name!r}: {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)} (an adapter for another base?)"
+            )
     layers = dict(_wrapped_layers(model))
     for key, value in state.items():
-        path, _, kind = key[len(PREFIX):].rpartition(".lora_")
+        path, _, kind = key[len(PREFIX) :].rpartition(".lora_")
         d = {"A.weight": "lora_A", "B.weight": "lora_B", "magnitude_vector": "lora_magnitude"}[kind]
         getattr(layers[path], d)[name].copy_(value)  # in place: bumps the version, so DoRA's cached n is stale
 
@@ -340,8 +362,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], na
 # Files
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
-                 base_model_name_or_path: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", base_model_name_or_path: str | None = None
+) -> None:
     """Write adapter `name` as PEFT does: path/adapter_config.json and path/adapter_model.safetensors."""
     from safetensors.torch import save_file
 
@@ -351,13 +374,22 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     r, alpha = (Counter(c[k] for _, c in layers).most_common(1)[0][0] for k in ("r", "alpha"))
     first = layers[0][1]
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": alpha, "lora_dropout": first["dropout"],
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": first["dropout"],
         "target_modules": sorted({p.rpartition(".")[2] for p, _ in layers}),
         "rank_pattern": {re.escape(p): c["r"] for p, c in layers if c["r"] != r},
         "alpha_pattern": {re.escape(p): c["alpha"] for p, c in layers if c["alpha"] != alpha},
-        "use_dora": first["use_dora"], "use_rslora": first["use_rslora"], "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "use_dora": first["use_dora"],
+        "use_rslora": first["use_rslora"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
     }
     os.makedirs(path, exist_ok=True)
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
@@ -386,17 +418,27 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         state = load_file(st_path)
     except Exception as e:  # safetensors raises its own error types for a damaged header or body
         raise ValueError(f"{st_path}: not a readable safetensors file ({e})") from None
-    unsupported = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
-                   "lora_bias": False, "layer_replication": None, "trainable_token_indices": None}
+    unsupported = {
+        "peft_type": "LORA",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "lora_bias": False,
+        "layer_replication": None,
+        "trainable_token_indices": None,
+    }
     for k, ok in unsupported.items():
         value = config.get(k)
         if not (value is None or value == ok or (not ok and not value)):  # [] counts as None, 0 as False
             raise ValueError(f"{cfg_path}: {k}={config[k]!r} is not supported (only {k}={ok!r})")
     for key in state:
-        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight",
-                                                           ".lora_magnitude_vector")):
-            raise ValueError(f"{st_path}: key {key} is not a LoRA/DoRA tensor of a linear layer "
-                             "(embedding LoRA, modules_to_save, ... are not supported)")
+        if not key.startswith(PREFIX) or not key.endswith(
+            (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+        ):
+            raise ValueError(
+                f"{st_path}: key {key} is not a LoRA/DoRA tensor of a linear layer "
+                "(embedding LoRA, modules_to_save, ... are not supported)"
+            )
     return config, state
 
 
@@ -417,15 +459,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         for key in state:
             if not key.endswith(".lora_A.weight"):
                 continue
-            mpath = key[len(PREFIX):-len(".lora_A.weight")]
+            mpath = key[len(PREFIX) : -len(".lora_A.weight")]
             if not isinstance(modules.get(mpath), (nn.Linear, LoRALinear)):
-                raise ValueError(f"{path}: key {key}: the model has no linear layer {mpath} "
-                                 "(an adapter for another base model?)")
+                raise ValueError(
+                    f"{path}: key {key}: the model has no linear layer {mpath} (an adapter for another base model?)"
+                )
             alpha = _pattern_value(config.get("alpha_pattern") or {}, mpath, config.get("lora_alpha", 8))
-            _wrap(model, mpath).add_adapter(name, r=state[key].shape[0], alpha=alpha,
-                                            dropout=config.get("lora_dropout", 0.0),
-                                            use_dora=bool(config.get("use_dora")),
-                                            use_rslora=bool(config.get("use_rslora")))
+            _wrap(model, mpath).add_adapter(
+                name,
+                r=state[key].shape[0],
+                alpha=alpha,
+                dropout=config.get("lora_dropout", 0.0),
+                use_dora=bool(config.get("use_dora")),
+                use_rslora=bool(config.get("use_rslora")),
+            )
     load_adapter_state_dict(model, state, name)
     return config
 
@@ -469,8 +516,9 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         else:
             out_dtype = base.weight.dtype
         device = base.weight.device
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
-                           device=device, dtype=out_dtype)
+        linear = nn.Linear(
+            layer.in_features, layer.out_features, bias=base.bias is not None, device=device, dtype=out_dtype
+        )
         linear.weight.data.copy_(merged_weight(layer))
         if base.bias is not None:
             linear.bias.data.copy_(base.bias.data)

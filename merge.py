@@ -42,8 +42,11 @@ import model as M
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-CHECK_PROMPTS = ("What is the opposite of hot?", "Translate into our language: cat",
-                 "Write one sentence about the sea.")
+CHECK_PROMPTS = (
+    "What is the opposite of hot?",
+    "Translate into our language: cat",
+    "Write one sentence about the sea.",
+)
 
 
 @torch.no_grad()
@@ -67,8 +70,9 @@ def check_out(out: str) -> str:
     """Refuse an --out that holds anything already, or where nothing can be written; before the slow part."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise ValueError(f"--out {out} already exists and is not empty (a model?); choose another directory "
-                         "or delete it")
+        raise ValueError(
+            f"--out {out} already exists and is not empty (a model?); choose another directory or delete it"
+        )
     parent = os.path.dirname(out)
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise ValueError(f"--out {out}: cannot write there ({parent} is a file, not a directory)")
@@ -96,8 +100,9 @@ def save(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", out: st
 
 
 @torch.no_grad()
-def logits_of(model: "PreTrainedModel", prompts: Sequence[Sequence[int]],
-              device: torch.device | str) -> list[torch.Tensor]:
+def logits_of(
+    model: "PreTrainedModel", prompts: Sequence[Sequence[int]], device: torch.device | str
+) -> list[torch.Tensor]:
     """fp32 CPU logits (1, T, vocab) of each prompt, run one at a time (no padding to get right)."""
     return [model(torch.tensor([p], device=device)).logits.float().cpu() for p in prompts]
 
@@ -108,8 +113,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--weights", type=float, nargs="+", help="weight of each LoRA adapter, in --adapter order")
     ap.add_argument("--out", required=True, help="the merged model directory (must not exist, or be empty)")
     ap.add_argument("--dtype", choices=list(M.DTYPES), help="saved dtype (default: model.compute_dtype)")
-    ap.add_argument("--from-original", action="store_true",
-                    help="merge onto the original unquantized weights instead of the dequantized NF4 ones")
+    ap.add_argument(
+        "--from-original",
+        action="store_true",
+        help="merge onto the original unquantized weights instead of the dequantized NF4 ones",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> float:
@@ -142,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> float:
     save(model, M.from_pretrained(AutoTokenizer, base_path), out)  # the tokenizer as the base ships it
     quant = cfg["model"]["quantization"]
     onto = "the original weights" if quant == "none" else f"the dequantized {quant} weights"
-    print(f"merged {' + '.join(args.adapter)} onto {onto} of {base_path}; saved {out} in "
-          f"{str(out_dtype).replace('torch.', '')}")
+    print(
+        f"merged {' + '.join(args.adapter)} onto {onto} of {base_path}; saved {out} in "
+        f"{str(out_dtype).replace('torch.', '')}"
+    )
 
     del model
     gc.collect()  # room for the reloaded copy (a 7B model is 15 GB in bf16)
@@ -153,8 +163,10 @@ def main(argv: Sequence[str] | None = None) -> float:
     after = logits_of(merged, prompts, device)
     diff = max((a - b).abs().max().item() for a, b in zip(after, before, strict=True))
     largest = max(b.abs().max().item() for b in before)
-    print(f"largest |logit difference|, reloaded merged model vs base + adapters, over {len(prompts)} prompts: "
-          f"{diff:.3g} (largest |logit| {largest:.3g}, relative {diff / largest:.2g})")
+    print(
+        f"largest |logit difference|, reloaded merged model vs base + adapters, over {len(prompts)} prompts: "
+        f"{diff:.3g} (largest |logit| {largest:.3g}, relative {diff / largest:.2g})"
+    )
     return diff
 
 

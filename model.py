@@ -258,8 +258,13 @@ def build_tiny(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
 # loading and quantizing
 
 
-def quantize_4bit(module: nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.bfloat16,
-                  device: torch.device | str = "cpu", skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+def quantize_4bit(
+    module: nn.Module,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    skip: Sequence[str] = ("lm_head",),
+) -> nn.Module:
     """Replace every nn.Linear under `module` (except those named in `skip`) by a bitsandbytes Linear4bit.
 
     gpt-fast style: walk named_children and setattr. Moving a Linear4bit to a device is what quantizes
@@ -274,11 +279,18 @@ def quantize_4bit(module: nn.Module, quant_type: str = "nf4", compute_dtype: tor
         if not isinstance(child, nn.Linear):
             quantize_4bit(child, quant_type, compute_dtype, device, skip)
             continue
-        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type=quant_type,
-                              device="meta")  # meta: don't allocate a weight we are about to replace
-        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                     quant_type=quant_type, module=q)
+        q = bnb.nn.Linear4bit(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type=quant_type,
+            device="meta",
+        )  # meta: don't allocate a weight we are about to replace
+        q.weight = bnb.nn.Params4bit(
+            child.weight.data, requires_grad=False, compress_statistics=True, quant_type=quant_type, module=q
+        )
         if child.bias is not None:
             q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
         # On AVX512-BF16 CPUs bitsandbytes repacks a layer's weight for fast inference in its first
@@ -308,8 +320,10 @@ def check_name_or_path(name_or_path: str) -> None:
             raise ModelError(f"model.name_or_path: {name_or_path!r} has no config.json (not a Hugging Face model)")
     elif looks_local or os.path.exists(name_or_path):
         what = "is not a directory" if os.path.exists(name_or_path) else "does not exist"
-        raise ModelError(f"model.name_or_path: {name_or_path!r} {what} (expected a local model directory "
-                         "or a Hugging Face hub id such as Qwen/Qwen2.5-7B-Instruct)")
+        raise ModelError(
+            f"model.name_or_path: {name_or_path!r} {what} (expected a local model directory "
+            "or a Hugging Face hub id such as Qwen/Qwen2.5-7B-Instruct)"
+        )
 
 
 def from_pretrained(auto_class: type, name_or_path: str, **kwargs: Any) -> Any:
@@ -338,10 +352,14 @@ def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-def load_model(name_or_path: str | os.PathLike[str], quantization: str = "nf4",
-               compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
-               attention: str = "auto",
-               gradient_checkpointing: bool = True) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    quantization: str = "nf4",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    attention: str = "auto",
+    gradient_checkpointing: bool = True,
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a causal LM and its tokenizer as a frozen (optionally 4-bit) base for LoRA / DoRA.
 
     Works the same for a local model directory (build_tiny's output included) and a hub id. Returns
@@ -361,11 +379,14 @@ def load_model(name_or_path: str | os.PathLike[str], quantization: str = "nf4",
     check_name_or_path(name_or_path)
     if quantization != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModelError(f"model.quantization: {quantization} needs bitsandbytes>=0.48 (pip install bitsandbytes) "
-                             "or set it to none")
+            raise ModelError(
+                f"model.quantization: {quantization} needs bitsandbytes>=0.48 (pip install bitsandbytes) "
+                "or set it to none"
+            )
         if device.type not in ("cpu", "cuda") and not bnb_4bit_works(device):
-            warnings.warn(f"bitsandbytes cannot run 4-bit layers on {device.type}; loading without quantization",
-                          stacklevel=2)
+            warnings.warn(
+                f"bitsandbytes cannot run 4-bit layers on {device.type}; loading without quantization", stacklevel=2
+            )
             quantization = "none"
 
     tokenizer = load_tokenizer(name_or_path)
@@ -398,9 +419,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", prompts: Sequence[Sequence[int]],
-             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             streamer: "BaseStreamer | None" = None) -> list[list[int]]:
+def generate(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer: "BaseStreamer | None" = None,
+) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new token ids of each, stop token cut.
 
     The batch is left-padded so that every prompt ends at the same position and generation starts
@@ -416,16 +443,26 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", pro
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        if temperature > 0
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     was_training = model.training
     model.eval()  # no dropout; gradient checkpointing is off in eval mode, so the KV cache works
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         eos_token_id=sorted(stop), pad_token_id=pad, use_cache=True, streamer=streamer,
-                         **sampling)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(stop),
+        pad_token_id=pad,
+        use_cache=True,
+        streamer=streamer,
+        **sampling,
+    )
     model.train(was_training)
     results = []
     for row in out[:, width:].tolist():

@@ -37,8 +37,11 @@ Example = dict[str, list[int]]  # input_ids, labels of one tokenized record
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The whole run: check the config, load the base and the data, add adapters, train, save."""
-    args = C.cli(__doc__.splitlines()[0], argv,
-                 lambda ap: ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint"))
+    args = C.cli(
+        __doc__.splitlines()[0],
+        argv,
+        lambda ap: ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint"),
+    )
     try:
         cfg = C.load_config(args.config, args.overrides)
         tc, lc = cfg["train"], cfg["lora"]
@@ -50,11 +53,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_ex, eval_ex = load_examples(cfg, tok)
         if not train_ex:
             raise D.DataError(f"{cfg['data']['train_file']}: no example fits data.max_seq_len")
-        lora.inject(model, lc["target_modules"], "default", lc["r"], lc["alpha"], lc["dropout"],
-                    lc["use_dora"], lc["use_rslora"])
+        lora.inject(
+            model,
+            lc["target_modules"],
+            "default",
+            lc["r"],
+            lc["alpha"],
+            lc["dropout"],
+            lc["use_dora"],
+            lc["use_rslora"],
+        )
         lora.mark_trainable(model, ["default"])
-        tc["batch_size"] = resolve_batch_size(tc, model, train_ex, tok.pad_token_id, device, dtype,
-                                              os.path.join(out_dir, "config.yaml") if args.resume else None)
+        tc["batch_size"] = resolve_batch_size(
+            tc,
+            model,
+            train_ex,
+            tok.pad_token_id,
+            device,
+            dtype,
+            os.path.join(out_dir, "config.yaml") if args.resume else None,
+        )
     except (C.ConfigError, D.DataError, M.ModelError, ValueError) as e:
         C.fail(e)
     clear_output_dir(out_dir, previous)  # only now: a bad input above leaves an earlier run untouched
@@ -65,9 +83,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     logger = C.Logger(out_dir)
     trainable, total = M.count_parameters(model)
-    print(f"model {base_path} on {device} in {str(dtype).replace('torch.', '')}, "
-          f"{cfg['model']['quantization']}; adapters: {trainable:,} trainable of {total:,} parameters; "
-          f"{len(train_ex)} train / {len(eval_ex)} eval examples")
+    print(
+        f"model {base_path} on {device} in {str(dtype).replace('torch.', '')}, "
+        f"{cfg['model']['quantization']}; adapters: {trainable:,} trainable of {total:,} parameters; "
+        f"{len(train_ex)} train / {len(eval_ex)} eval examples"
+    )
 
     step = 0
     if args.resume:
@@ -85,8 +105,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.log(step=0, **metrics)
         print(f"step 0: eval_loss {metrics['eval_loss']:.4f} (before training)")
 
-    batches = batch_stream(train_ex, tc["batch_size"], tc["seed"], cfg["data"]["group_by_length"],
-                           tok.pad_token_id, start=step * tc["grad_accum"])
+    batches = batch_stream(
+        train_ex,
+        tc["batch_size"],
+        tc["seed"],
+        cfg["data"]["group_by_length"],
+        tok.pad_token_id,
+        start=step * tc["grad_accum"],
+    )
     from tqdm import tqdm
 
     bar = tqdm(total=tc["max_steps"], initial=step, dynamic_ncols=True, disable=None)
@@ -105,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             logger.log(step=step, event="nonfinite_loss")
             if bad_steps >= tc["max_bad_steps"]:
                 last = latest_checkpoint(out_dir)
-                C.fail(f"the loss was NaN/inf for {bad_steps} steps in a row; lower train.lr or check the data"
-                       + (f" (the last good checkpoint is {last})" if last else ""))
+                C.fail(
+                    f"the loss was NaN/inf for {bad_steps} steps in a row; lower train.lr or check the data"
+                    + (f" (the last good checkpoint is {last})" if last else "")
+                )
             continue
         bad_steps, tokens_seen = 0, tokens_seen + n_tokens
         bar.update(1)
@@ -129,8 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics = evaluate(model, eval_ex, tc["batch_size"], tok.pad_token_id, device, dtype)
         logger.log(step=step, **metrics)
         print(f"step {step}: eval_loss {metrics['eval_loss']:.4f} (end of training)")
-    write_atomically(os.path.join(out_dir, "adapter"),
-                     lambda tmp: lora.save_adapter(model, tmp, "default", base_path))
+    write_atomically(os.path.join(out_dir, "adapter"), lambda tmp: lora.save_adapter(model, tmp, "default", base_path))
     print(f"adapter saved to {os.path.join(out_dir, 'adapter')}")
 
 
@@ -145,7 +172,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_examples(cfg: C.Config, tok: "PreTrainedTokenizerBase", train_file: str | None = None) -> tuple[list[Example], list[Example]]:
+def load_examples(
+    cfg: C.Config, tok: "PreTrainedTokenizerBase", train_file: str | None = None
+) -> tuple[list[Example], list[Example]]:
     """Tokenized (train, eval) examples: eval from data.eval_file, else a data.eval_fraction split."""
     dc = cfg["data"]
     records = D.load_records(train_file or dc["train_file"], dc["field_map"] or None)
@@ -177,15 +206,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
+    def forward(
+        ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
+    ) -> torch.Tensor:
         """hidden (N, H), weight (V, H), labels (N,) -> the summed loss, a fp32 scalar."""
         want_h, want_w = ctx.needs_input_grad[:2]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for i in range(0, labels.numel(), chunk_size):
-            h, y = hidden[i:i + chunk_size], labels[i:i + chunk_size]
+            h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
             logits = F.linear(h, weight)  # (n, V), the compute dtype under autocast
             probs = logits.float()
             lse = torch.logsumexp(probs, dim=-1)
@@ -195,7 +225,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(y), device=y.device), y] -= 1  # d CE / d logits
                 g = probs.to(logits.dtype)
                 if want_h:
-                    grad_h[i:i + chunk_size] = g @ weight
+                    grad_h[i : i + chunk_size] = g @ weight
                 if want_w:
                     grad_w += g.t() @ h
         ctx.save_for_backward(grad_h, grad_w)
@@ -207,8 +237,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         """The gradients kept by forward, times the upstream gradient."""
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (None if grad_h is None else (grad_h * grad_total).to(h_dtype),
-                None if grad_w is None else (grad_w * grad_total).to(w_dtype), None, None)
+        return (
+            None if grad_h is None else (grad_h * grad_total).to(h_dtype),
+            None if grad_w is None else (grad_w * grad_total).to(w_dtype),
+            None,
+            None,
+        )
 
 
 def loss_sum(model: nn.Module, batch: Batch, chunk_elements: int | None = None) -> tuple[torch.Tensor, int]:
@@ -247,15 +281,23 @@ def lr_at(step: int, max_steps: int, warmup_steps: int, lr: float, min_lr_ratio:
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW; the fused kernel on CUDA (one launch for all parameters instead of several per tensor)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
-def train_step(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, micro_batches: list[Batch], device: torch.device, dtype: torch.dtype,
-               max_grad_norm: float) -> tuple[float | None, int]:
+def train_step(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    micro_batches: list[Batch],
+    device: torch.device,
+    dtype: torch.dtype,
+    max_grad_norm: float,
+) -> tuple[float | None, int]:
     """One optimizer step over a list of micro-batches (gradient accumulation). Returns (loss, tokens),
     or (None, tokens) when the loss was NaN/inf and the step was skipped."""
     # Normalise by the labelled tokens of the whole step, so accumulating k micro-batches gives the same
@@ -281,8 +323,9 @@ def train_step(model: nn.Module, params: list[nn.Parameter], optimizer: torch.op
     return total, n_tokens
 
 
-def batch_stream(examples: list[Example], batch_size: int, seed: int, group_by_length: bool, pad_id: int,
-                 start: int = 0) -> Iterator[Batch]:
+def batch_stream(
+    examples: list[Example], batch_size: int, seed: int, group_by_length: bool, pad_id: int, start: int = 0
+) -> Iterator[Batch]:
     """Endless micro-batches, epoch after epoch, deterministic from the seed; skips the first `start`."""
     lengths = [len(e["input_ids"]) for e in examples]
     epoch, i = 0, 0
@@ -294,8 +337,9 @@ def batch_stream(examples: list[Example], batch_size: int, seed: int, group_by_l
         epoch += 1
 
 
-def largest_batch_size(model: nn.Module, examples: list[Example], pad_id: int, device: torch.device,
-                       dtype: torch.dtype, limit: int) -> int:
+def largest_batch_size(
+    model: nn.Module, examples: list[Example], pad_id: int, device: torch.device, dtype: torch.dtype, limit: int
+) -> int:
     """The largest micro-batch of the longest example, up to `limit`, whose forward and backward fit in
     GPU memory: doubling from 1, then bisection. Room is kept for AdamW's two moments (allocated at the
     first real step). Returns 0 if not even one example fits."""
@@ -331,8 +375,15 @@ def largest_batch_size(model: nn.Module, examples: list[Example], pad_id: int, d
     return good
 
 
-def resolve_batch_size(tc: dict, model: nn.Module, examples: list[Example], pad_id: int, device: torch.device,
-                       dtype: torch.dtype, previous_config: str | None = None) -> int:
+def resolve_batch_size(
+    tc: dict,
+    model: nn.Module,
+    examples: list[Example],
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    previous_config: str | None = None,
+) -> int:
     """train.batch_size, with "auto" resolved: on CUDA the largest micro-batch that fits (probed), on
     other devices 16 (running out of CPU memory kills the process instead of raising). A resumed run
     keeps the size its first part used (from its saved config), so its batches are the same."""
@@ -348,8 +399,10 @@ def resolve_batch_size(tc: dict, model: nn.Module, examples: list[Example], pad_
         return 16
     n = largest_batch_size(model, examples, pad_id, device, dtype, limit=min(len(examples), 256))
     if n == 0:
-        raise M.ModelError("train.batch_size auto: not even one example of the longest length fits in GPU "
-                           "memory; lower data.max_seq_len")
+        raise M.ModelError(
+            "train.batch_size auto: not even one example of the longest length fits in GPU "
+            "memory; lower data.max_seq_len"
+        )
     print(f"train.batch_size auto: {n} (the largest micro-batch of the longest example that fits in GPU memory)")
     return n
 
@@ -359,8 +412,9 @@ def resolve_batch_size(tc: dict, model: nn.Module, examples: list[Example], pad_
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
-             dtype: torch.dtype) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, float]:
     """Mean response-token loss and its perplexity over `examples`."""
     was_training = model.training
     model.eval()
@@ -382,8 +436,12 @@ def evaluate(model: nn.Module, examples: list[Example], batch_size: int, pad_id:
 
 def rng_state() -> dict:
     """The state of every random generator a run draws from (torch, numpy, Python, CUDA)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -410,15 +468,31 @@ def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:
         os.rename(tmp, final_dir)
 
 
-def save_checkpoint(out_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, cfg: C.Config, base_path: str, keep: int) -> None:
+def save_checkpoint(
+    out_dir: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: C.Config,
+    base_path: str,
+    keep: int,
+) -> None:
     """Write checkpoints/step_NNNNNN (adapter, optimizer, scaler, RNG, config); keep the latest `keep`."""
     ckpt_dir = os.path.join(out_dir, "checkpoints")
 
     def write(tmp: str) -> None:
         lora.save_adapter(model, os.path.join(tmp, "adapter"), "default", base_path)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "schedule": {"step": step}, "rng": rng_state()}, os.path.join(tmp, "state.pt"))
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "schedule": {"step": step},
+                "rng": rng_state(),
+            },
+            os.path.join(tmp, "state.pt"),
+        )
         C.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
 
     write_atomically(os.path.join(ckpt_dir, f"step_{step:06d}"), write)
@@ -448,17 +522,27 @@ def latest_checkpoint(out_dir: str) -> str | None:
 RUN_FILES = ("metrics.jsonl", "checkpoints", "adapter", "config.yaml")
 
 
-def check_output_dir(out_dir: str, resume: bool, overwrite: bool, files: Sequence[str] = RUN_FILES,
-                     latest: Callable[[str], str | None] = latest_checkpoint) -> list[str]:
+def check_output_dir(
+    out_dir: str,
+    resume: bool,
+    overwrite: bool,
+    files: Sequence[str] = RUN_FILES,
+    latest: Callable[[str], str | None] = latest_checkpoint,
+) -> list[str]:
     """Refuse to mix two runs in one directory: --resume continues it, train.overwrite=true replaces it.
     Returns the previous run's files, which clear_output_dir removes once everything else checked out."""
-    previous = sorted(f for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else []) if f in files
-                      or any(f.startswith(p.rstrip("*")) for p in files if p.endswith("*")))
+    previous = sorted(
+        f
+        for f in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+        if f in files or any(f.startswith(p.rstrip("*")) for p in files if p.endswith("*"))
+    )
     if resume and latest(out_dir) is None:
         raise C.ConfigError(f"--resume: {out_dir} holds no complete checkpoint to resume from")
     if previous and not resume and not overwrite:
-        raise C.ConfigError(f"{out_dir} already holds a run ({', '.join(previous)}); pass --resume to continue "
-                            "it or train.overwrite=true to replace it")
+        raise C.ConfigError(
+            f"{out_dir} already holds a run ({', '.join(previous)}); pass --resume to continue "
+            "it or train.overwrite=true to replace it"
+        )
     return [] if resume else previous
 
 

@@ -49,11 +49,25 @@ def adapters(cache_dir, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("adapters")
     tiny = tiny_dir(cache_dir)
-    out = {name: make_adapter(tiny, d / name, seed=seed, **kw) for name, seed, kw in [
-        ("lora", 1, {}), ("lora2", 2, {}), ("dora", 3, {"use_dora": True, "targets": DORA_TARGETS}),
-        ("lora_qv", 4, {"targets": ["q_proj", "v_proj"]})]}
-    other = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    out = {
+        name: make_adapter(tiny, d / name, seed=seed, **kw)
+        for name, seed, kw in [
+            ("lora", 1, {}),
+            ("lora2", 2, {}),
+            ("dora", 3, {"use_dora": True, "targets": DORA_TARGETS}),
+            ("lora_qv", 4, {"targets": ["q_proj", "v_proj"]}),
+        ]
+    }
+    other = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     lora.inject(other, TARGETS, r=4, alpha=8)
     lora.save_adapter(other, d / "other_base")
     out["other_base"] = str(d / "other_base")

@@ -12,10 +12,32 @@ KEYS = {"impl", "variant", "dtype", "device", "tokens_per_s", "step_s", "peak_mi
 
 
 def bench(tmp_path, *args):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--hidden", "64", "--layers", "1",
-                          "--vocab", "300", "--seq", "32", "--batch", "2", "--steps", "1", "--json",
-                          "--cache-dir", str(tmp_path), *args],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench.py"),
+            "--hidden",
+            "64",
+            "--layers",
+            "1",
+            "--vocab",
+            "300",
+            "--seq",
+            "32",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--json",
+            "--cache-dir",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
@@ -30,10 +52,20 @@ def test_bench_ours_alone(tmp_path):
 def test_bench_against_peft_both_variants(tmp_path):
     pytest.importorskip("peft")
     *rows, ratios = bench(tmp_path, "--compare-peft", "--dora-vs-lora")
-    assert [(r["impl"], r["variant"]) for r in rows] == [("ours", "lora"), ("peft", "lora"), ("ours", "dora"),
-                                                         ("peft", "dora")]
+    assert [(r["impl"], r["variant"]) for r in rows] == [
+        ("ours", "lora"),
+        ("peft", "lora"),
+        ("ours", "dora"),
+        ("peft", "dora"),
+    ]
     assert all(set(r) == KEYS and r["tokens_per_s"] > 0 for r in rows)
     assert len({r["dtype"] for r in rows}) == 1  # the same compute dtype for both
-    assert set(ratios) == {"lora_speedup_vs_peft", "lora_peak_vs_peft", "dora_speedup_vs_peft", "dora_peak_vs_peft",
-                           "ours_dora_step_vs_lora", "peft_dora_step_vs_lora"}
+    assert set(ratios) == {
+        "lora_speedup_vs_peft",
+        "lora_peak_vs_peft",
+        "dora_speedup_vs_peft",
+        "dora_peak_vs_peft",
+        "ours_dora_step_vs_lora",
+        "peft_dora_step_vs_lora",
+    }
     assert os.listdir(tmp_path) and all(n.startswith("bench-") for n in os.listdir(tmp_path))  # cached, no temp dir

@@ -14,8 +14,16 @@ CONFIG = os.path.join(ROOT, "config.yaml")
 
 def test_config_defaults_file_and_overrides(tmp_path):
     assert C.load_config(CONFIG, ["train.lr=1e-4"])["train"]["lr"] == 1e-4  # YAML reads 1e-4 as a str
-    cfg = C.load_config(CONFIG, ["train.lr=1", "lora.target_modules=[q_proj, v_proj]", "data.eval_file=null",
-                                     "lora.use_dora=true", "data.system_prompt=Be brief."])
+    cfg = C.load_config(
+        CONFIG,
+        [
+            "train.lr=1",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.eval_file=null",
+            "lora.use_dora=true",
+            "data.system_prompt=Be brief.",
+        ],
+    )
     assert cfg["train"]["lr"] == 1.0 and isinstance(cfg["train"]["lr"], float)
     assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"] and cfg["lora"]["use_dora"] is True
     assert cfg["data"]["system_prompt"] == "Be brief." and cfg["data"]["eval_file"] is None
@@ -26,20 +34,23 @@ def test_config_defaults_file_and_overrides(tmp_path):
     assert cfg["lora"]["r"] == 4 and cfg["train"] == C.DEFAULTS["train"]  # the rest are defaults
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "unknown key train.lrr; did you mean train.lr?"),
-    ("lora.rank=4", "unknown key lora.rank; did you mean lora.r?"),
-    ("lora.r=0", "lora.r: must be >= 1, got 0"),
-    ("lora.dropout=1.0", r"lora.dropout: must be in \[0, 1\), got 1.0"),
-    ("train.lr=0", "train.lr: must be > 0, got 0"),
-    ("train.lr=fast", "train.lr: expected float, got str 'fast'"),
-    ("lora.use_dora=3", "lora.use_dora: expected bool, got int 3"),
-    ("model.quantization=int3", "model.quantization: 'int3' is not one of nf4, fp4, none"),
-    ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
-    ("train.lr", "override 'train.lr': expected section.key=value"),
-    ("train.batch_size=big", "train.batch_size: expected int, got str 'big'"),
-    ("train.grad_accum=auto", "train.grad_accum: expected int, got str 'auto'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key train.lrr; did you mean train.lr?"),
+        ("lora.rank=4", "unknown key lora.rank; did you mean lora.r?"),
+        ("lora.r=0", "lora.r: must be >= 1, got 0"),
+        ("lora.dropout=1.0", r"lora.dropout: must be in \[0, 1\), got 1.0"),
+        ("train.lr=0", "train.lr: must be > 0, got 0"),
+        ("train.lr=fast", "train.lr: expected float, got str 'fast'"),
+        ("lora.use_dora=3", "lora.use_dora: expected bool, got int 3"),
+        ("model.quantization=int3", "model.quantization: 'int3' is not one of nf4, fp4, none"),
+        ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
+        ("train.lr", "override 'train.lr': expected section.key=value"),
+        ("train.batch_size=big", "train.batch_size: expected int, got str 'big'"),
+        ("train.grad_accum=auto", "train.grad_accum: expected int, got str 'auto'"),
+    ],
+)
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(C.ConfigError, match=message):
         C.load_config(CONFIG, [override])
@@ -74,7 +85,11 @@ def test_config_yaml_sets_every_key_to_its_default():
         raw = yaml.safe_load(f)
     in_file = [f"{section}.{name}" for section, values in raw.items() for name in values]
     assert in_file == C.keys()  # every key, once, in DEFAULTS' order
-    differ = {key for key in C.keys() if raw[key.split(".")[0]][key.split(".")[1]] != C.DEFAULTS[key.split(".")[0]][key.split(".")[1]]}
+    differ = {
+        key
+        for key in C.keys()
+        if raw[key.split(".")[0]][key.split(".")[1]] != C.DEFAULTS[key.split(".")[0]][key.split(".")[1]]
+    }
     assert differ == {"data.clients"}  # the demo's client files; the built-in default is null (split train_file)
 
 
@@ -82,7 +97,8 @@ def test_readme_documents_every_key_once():
     documented = readme_config_keys()
     assert sorted(documented) == sorted(C.keys()), (
         f"missing from the README: {sorted(set(C.keys()) - set(documented))}; "
-        f"not a key: {sorted(set(documented) - set(C.keys()))}")
+        f"not a key: {sorted(set(documented) - set(C.keys()))}"
+    )
 
 
 def test_every_checked_key_exists():

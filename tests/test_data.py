@@ -1,4 +1,5 @@
 """data.py on CPU with a tiny byte-level BPE tokenizer trained on the demo texts (no downloads)."""
+
 import copy
 import filecmp
 import json
@@ -16,8 +17,10 @@ from data import DataError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "data")
 # ChatML as in Qwen2's template, without its default system message
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +28,16 @@ def tok():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(data.demo_texts(DATA_DIR), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   chat_template=CHATML)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +60,17 @@ def write(tmp_path, name, text):
 
 # ----------------------------------------------------------------------------- prompts and masking
 
+
 def test_chatml_prompt_and_response(tok):
-    assert data.render_prompt(tok, "Opposite of hot?") == \
-        "<|im_start|>user\nOpposite of hot?<|im_end|>\n<|im_start|>assistant\n"
-    assert data.render_prompt(tok, "Classify.", "Nice.", system_prompt="Be brief.") == \
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nClassify.\n\nNice.<|im_end|>\n" \
+    assert (
+        data.render_prompt(tok, "Opposite of hot?")
+        == "<|im_start|>user\nOpposite of hot?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (
+        data.render_prompt(tok, "Classify.", "Nice.", system_prompt="Be brief.")
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nClassify.\n\nNice.<|im_end|>\n"
         "<|im_start|>assistant\n"
+    )
     assert data.render_response(tok, "cold") == "cold<|im_end|>\n"
 
 
@@ -78,10 +91,10 @@ def test_masking(tok, records):
         ex = data.tokenize_example(tok, r, max_seq_len=256)
         prompt = data.encode(tok, data.render_prompt(tok, r["instruction"], r["input"]))
         ids, labels = ex["input_ids"], ex["labels"]
-        assert len(ids) == len(labels) and ids[:len(prompt)] == prompt
-        assert all(label == -100 for label in labels[:len(prompt)])  # no prompt token is trained
-        assert labels[len(prompt):] == ids[len(prompt):] and len(labels) > len(prompt)
-        assert labels[-2] == im_end and tok.decode(labels[len(prompt):]) == r["output"] + "<|im_end|>\n"
+        assert len(ids) == len(labels) and ids[: len(prompt)] == prompt
+        assert all(label == -100 for label in labels[: len(prompt)])  # no prompt token is trained
+        assert labels[len(prompt) :] == ids[len(prompt) :] and len(labels) > len(prompt)
+        assert labels[-2] == im_end and tok.decode(labels[len(prompt) :]) == r["output"] + "<|im_end|>\n"
 
 
 def test_train_on_prompt(tok, records):
@@ -109,9 +122,12 @@ def test_demo_prompts_are_short(tok, records):
 
 # ----------------------------------------------------------------------------- batches
 
+
 def test_collate_pads_to_multiple_of_8():
-    examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-                {"input_ids": list(range(1, 11)), "labels": list(range(1, 11))}]
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": list(range(1, 11)), "labels": list(range(1, 11))},
+    ]
     batch = data.collate(examples, pad_id=0)
     assert all(batch[k].shape == (2, 16) and batch[k].dtype == torch.long for k in batch)
     assert batch["input_ids"][0].tolist() == [5, 6, 7] + [0] * 13
@@ -136,6 +152,7 @@ def test_batch_indices(group):
 
 
 # ----------------------------------------------------------------------------- splits
+
 
 def test_split_eval(records):
     train, eval_set = data.split_eval(records, 0.1, seed=3)
@@ -167,8 +184,12 @@ def test_partition_never_leaves_a_client_empty():
 
 
 def test_partition_bad_args(records):
-    for kwargs in [dict(n_clients=0), dict(n_clients=2, method="dirichlet", alpha=0),
-                   dict(n_clients=2, method="shards"), dict(n_clients=len(records) + 1)]:
+    for kwargs in [
+        dict(n_clients=0),
+        dict(n_clients=2, method="dirichlet", alpha=0),
+        dict(n_clients=2, method="shards"),
+        dict(n_clients=len(records) + 1),
+    ]:
         with pytest.raises(DataError):
             data.partition(records, **kwargs)
     with pytest.raises(DataError, match='record 2: field "category" is missing'):
@@ -177,20 +198,42 @@ def test_partition_bad_args(records):
 
 # ----------------------------------------------------------------------------- loading
 
-@pytest.mark.parametrize("name, text, message", [
-    ("x.json", "", "x.json: file is empty"),
-    ("x.json", '{\n "a": 1\n}', "x.json: expected a JSON list of records, got dict"),
-    ("x.json", '[\n{"instruction": "a" "output": "b"}\n]', r"x.json, line 2: invalid JSON \(Expecting ',' delimiter\)"),
-    ("x.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a",\n',
-     r"x.jsonl, line 3: invalid JSON \(Expecting"),
-    ("x.json", '[{"instruction": "a", "output": "b"}, {"instruction": "a"}]', 'x.json, record 2: field "output" is missing'),
-    ("x.json", '[{"instruction": "a", "input": 3, "output": "b"}]', 'x.json, record 1: field "input" must be a string, got int'),
-    ("x.json", '[{"instruction": "a", "output": " "}]', 'x.json, record 1: field "output" is empty'),
-    ("x.json", '[{"instruction": "", "output": "b"}]', 'x.json, record 1: field "instruction" is empty'),
-    ("x.json", '[["a", "b"]]', "x.json, record 1: expected a JSON object, got list"),
-    ("x.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": null}\n',
-     'x.jsonl, line 2: field "output" must be a string, got null'),
-])
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("x.json", "", "x.json: file is empty"),
+        ("x.json", '{\n "a": 1\n}', "x.json: expected a JSON list of records, got dict"),
+        (
+            "x.json",
+            '[\n{"instruction": "a" "output": "b"}\n]',
+            r"x.json, line 2: invalid JSON \(Expecting ',' delimiter\)",
+        ),
+        (
+            "x.jsonl",
+            '{"instruction": "a", "output": "b"}\n\n{"instruction": "a",\n',
+            r"x.jsonl, line 3: invalid JSON \(Expecting",
+        ),
+        (
+            "x.json",
+            '[{"instruction": "a", "output": "b"}, {"instruction": "a"}]',
+            'x.json, record 2: field "output" is missing',
+        ),
+        (
+            "x.json",
+            '[{"instruction": "a", "input": 3, "output": "b"}]',
+            'x.json, record 1: field "input" must be a string, got int',
+        ),
+        ("x.json", '[{"instruction": "a", "output": " "}]', 'x.json, record 1: field "output" is empty'),
+        ("x.json", '[{"instruction": "", "output": "b"}]', 'x.json, record 1: field "instruction" is empty'),
+        ("x.json", '[["a", "b"]]', "x.json, record 1: expected a JSON object, got list"),
+        (
+            "x.jsonl",
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": null}\n',
+            'x.jsonl, line 2: field "output" must be a string, got null',
+        ),
+    ],
+)
 def test_bad_input(tmp_path, name, text, message):
     with pytest.raises(DataError, match=message):
         data.load_records(write(tmp_path, name, text))
@@ -202,19 +245,24 @@ def test_missing_file(tmp_path):
 
 
 def test_jsonl_and_field_map(tmp_path):
-    lines = [{"instruction": "Name a fruit.", "context": "", "response": "apple", "category": "open_qa"},
-             {"instruction": "Summarise.", "context": "Cats sleep a lot.", "response": "Cats sleep."}]
+    lines = [
+        {"instruction": "Name a fruit.", "context": "", "response": "apple", "category": "open_qa"},
+        {"instruction": "Summarise.", "context": "Cats sleep a lot.", "response": "Cats sleep."},
+    ]
     text = "\n".join(json.dumps(r) for r in lines) + "\n"
     dolly = {"instruction": "instruction", "input": "context", "output": "response"}
     for name in ["dolly.jsonl", "dolly.json"]:  # a .json file of JSON lines is recognised by content
         got = data.load_records(write(tmp_path, name, text), field_map=dolly)
-        assert got == [{"instruction": "Name a fruit.", "input": "", "output": "apple", "category": "open_qa"},
-                       {"instruction": "Summarise.", "input": "Cats sleep a lot.", "output": "Cats sleep."}]
+        assert got == [
+            {"instruction": "Name a fruit.", "input": "", "output": "apple", "category": "open_qa"},
+            {"instruction": "Summarise.", "input": "Cats sleep a lot.", "output": "Cats sleep."},
+        ]
     with pytest.raises(DataError, match='line 1: field "output" is missing'):
         data.load_records(write(tmp_path, "dolly.jsonl", text))
 
 
 # ----------------------------------------------------------------------------- demo data
+
 
 def test_make_demo_matches_committed_files(tmp_path):
     data.make_demo(tmp_path / "a")
@@ -222,8 +270,9 @@ def test_make_demo_matches_committed_files(tmp_path):
     names = ["demo.json"] + [f"clients/{c}.json" for c in data.CLIENTS]
     for name in names:
         assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
-        assert filecmp.cmp(tmp_path / "a" / name, os.path.join(DATA_DIR, name), shallow=False), \
+        assert filecmp.cmp(tmp_path / "a" / name, os.path.join(DATA_DIR, name), shallow=False), (
             f"data/{name} differs from make_demo(): run python data.py"
+        )
 
 
 def test_demo_layout(records):
@@ -255,6 +304,6 @@ def test_shared_answers_agree_and_are_learnable(records):
     assert all(len(o) == 1 for o in answers.values())
     # every fact of a shared task is asked at least 3 times, so an eval split leaves some in train
     for category in ["opposite", "kind", "sentiment"]:
-        texts = [f'{r["instruction"]} {r["input"]}' for r in records if r["category"] == category]
+        texts = [f"{r['instruction']} {r['input']}" for r in records if r["category"] == category]
         for word, _ in data._shared_facts(category):
             assert sum(bool(re.search(rf"\b{word}\b", t)) for t in texts) >= 3, (category, word)

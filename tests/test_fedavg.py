@@ -33,6 +33,7 @@ def assert_states_equal(a, b):
 
 # ---------------------------------------------------------------- weighted_average
 
+
 @pytest.mark.parametrize("weights", [[3, 1, 6], [0.2, 0.0, 0.5], [1e-3, 2e-3, 5e-3]])
 def test_weighted_average_matches_float64_sum(weights):
     states = [make_state(i) for i in range(3)]
@@ -106,18 +107,23 @@ def test_lora_factor_average_identity_from_docstring():
     for s in states:
         s[A_KEY] = states[0][A_KEY].clone()  # FFA-LoRA: one A for all clients
     avg = fedavg.weighted_average(states, weights)
-    torch.testing.assert_close(avg[B_KEY] @ avg[A_KEY], sum(pk * s[B_KEY] @ s[A_KEY] for pk, s in zip(p, states, strict=True)))
+    torch.testing.assert_close(
+        avg[B_KEY] @ avg[A_KEY], sum(pk * s[B_KEY] @ s[A_KEY] for pk, s in zip(p, states, strict=True))
+    )
 
 
-@pytest.mark.parametrize("states,weights,match", [
-    ([], [], "at least one state"),
-    ([{}], [], "1 states but 0 weights"),
-    ([{}, {}], [1.0], "2 states but 1 weights"),
-    ([{}, {}], [1.0, -1.0], "weight 1 is -1.0"),
-    ([{}, {}], [1.0, float("nan")], "weight 1 is nan"),
-    ([{}, {}], [float("inf"), 1.0], "weight 0 is inf"),
-    ([{}, {}], [0, 0], "all weights are zero"),
-])
+@pytest.mark.parametrize(
+    "states,weights,match",
+    [
+        ([], [], "at least one state"),
+        ([{}], [], "1 states but 0 weights"),
+        ([{}, {}], [1.0], "2 states but 1 weights"),
+        ([{}, {}], [1.0, -1.0], "weight 1 is -1.0"),
+        ([{}, {}], [1.0, float("nan")], "weight 1 is nan"),
+        ([{}, {}], [float("inf"), 1.0], "weight 0 is inf"),
+        ([{}, {}], [0, 0], "all weights are zero"),
+    ],
+)
 def test_bad_weights_raise(states, weights, match):
     with pytest.raises(ValueError, match=match):
         fedavg.weighted_average(states, weights)
@@ -172,9 +178,18 @@ def test_sample_clients_returns_a_subset_in_original_order():
     assert positions == sorted(positions)
 
 
-@pytest.mark.parametrize("n,fraction,expected", [
-    (10, 0.3, 3), (10, 0.01, 1), (10, 1.0, 10), (10, 0.25, 2), (10, 0.35, 4), (100, 0.1, 10), (1, 0.5, 1),
-])
+@pytest.mark.parametrize(
+    "n,fraction,expected",
+    [
+        (10, 0.3, 3),
+        (10, 0.01, 1),
+        (10, 1.0, 10),
+        (10, 0.25, 2),
+        (10, 0.35, 4),
+        (100, 0.1, 10),
+        (1, 0.5, 1),
+    ],
+)
 def test_sample_clients_fraction(n, fraction, expected):
     chosen = fedavg.sample_clients(CLIENTS[:n], round=1, seed=0, fraction=fraction)
     assert len(chosen) == expected  # max(1, round(fraction * n)); round(2.5) == 2 (halves to even)
@@ -187,20 +202,23 @@ def test_sample_clients_count(count):
     assert len(fedavg.sample_clients(CLIENTS[:10], round=1, seed=0, count=count)) == count
 
 
-@pytest.mark.parametrize("clients,kwargs,match", [
-    ([], dict(count=1), "no clients"),
-    (["a", "b", "a"], dict(count=1), "unique"),
-    (["a", "b"], dict(), "exactly one of fraction or count"),
-    (["a", "b"], dict(fraction=0.5, count=1), "exactly one of fraction or count"),
-    (["a", "b"], dict(fraction=0.0), "fraction must be in"),
-    (["a", "b"], dict(fraction=1.5), "fraction must be in"),
-    (["a", "b"], dict(fraction=float("nan")), "fraction must be in"),
-    (["a", "b"], dict(count=0), r"count must be an integer in \[1, 2\]"),
-    (["a", "b"], dict(count=3), r"count must be an integer in \[1, 2\]"),
-    (["a", "b"], dict(count=1.0), "count must be an integer"),
-    (["a", "b"], dict(count=1, round=1.5), "round must be an integer"),
-    (["a", "b"], dict(count=1, seed="0"), "seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "clients,kwargs,match",
+    [
+        ([], dict(count=1), "no clients"),
+        (["a", "b", "a"], dict(count=1), "unique"),
+        (["a", "b"], dict(), "exactly one of fraction or count"),
+        (["a", "b"], dict(fraction=0.5, count=1), "exactly one of fraction or count"),
+        (["a", "b"], dict(fraction=0.0), "fraction must be in"),
+        (["a", "b"], dict(fraction=1.5), "fraction must be in"),
+        (["a", "b"], dict(fraction=float("nan")), "fraction must be in"),
+        (["a", "b"], dict(count=0), r"count must be an integer in \[1, 2\]"),
+        (["a", "b"], dict(count=3), r"count must be an integer in \[1, 2\]"),
+        (["a", "b"], dict(count=1.0), "count must be an integer"),
+        (["a", "b"], dict(count=1, round=1.5), "round must be an integer"),
+        (["a", "b"], dict(count=1, seed="0"), "seed must be an integer"),
+    ],
+)
 def test_sample_clients_bad_arguments_raise(clients, kwargs, match):
     kwargs = {"round": 0, "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -209,14 +227,20 @@ def test_sample_clients_bad_arguments_raise(clients, kwargs, match):
 
 # ---------------------------------------------------------------- state_bytes
 
+
 def test_state_bytes():
-    state = {"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16),
-             "c": torch.zeros(2, 2, dtype=torch.float64), "d": torch.zeros(0)}
+    state = {
+        "a": torch.zeros(3, 4),
+        "b": torch.zeros(5, dtype=torch.bfloat16),
+        "c": torch.zeros(2, 2, dtype=torch.float64),
+        "d": torch.zeros(0),
+    }
     assert fedavg.state_bytes(state) == 3 * 4 * 4 + 5 * 2 + 2 * 2 * 8
     assert fedavg.state_bytes({}) == 0
 
 
 # ---------------------------------------------------------------- ServerOptimizer
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fedavg_lr1_returns_the_average_exactly(dtype):
@@ -260,17 +284,25 @@ def reference_run(kind, globals_, averages, lr, momentum=0.9, b1=0.9, b2=0.99, e
     return outs
 
 
-@pytest.mark.parametrize("kind,kwargs", [
-    ("fedavgm", dict(lr=0.7, momentum=0.9)),
-    ("fedadam", dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3)),
-    ("fedadam", dict(lr=0.03, beta1=0.5, beta2=0.9, eps=1e-2)),
-])
+@pytest.mark.parametrize(
+    "kind,kwargs",
+    [
+        ("fedavgm", dict(lr=0.7, momentum=0.9)),
+        ("fedadam", dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3)),
+        ("fedadam", dict(lr=0.03, beta1=0.5, beta2=0.9, eps=1e-2)),
+    ],
+)
 def test_server_optimizers_match_reference_over_three_steps(kind, kwargs):
     # the global state fed to each step is the previous step's output, as in a real run
     averages = [make_state(10 + r) for r in range(3)]
     opt = fedavg.ServerOptimizer(kind, **kwargs)
-    ref_kwargs = {"lr": kwargs["lr"], "momentum": kwargs.get("momentum", 0.9), "b1": kwargs.get("beta1", 0.9),
-                  "b2": kwargs.get("beta2", 0.99), "eps": kwargs.get("eps", 1e-3)}
+    ref_kwargs = {
+        "lr": kwargs["lr"],
+        "momentum": kwargs.get("momentum", 0.9),
+        "b1": kwargs.get("beta1", 0.9),
+        "b2": kwargs.get("beta2", 0.99),
+        "eps": kwargs.get("eps", 1e-3),
+    }
     globals_ = [make_state(0)]
     for avg in averages:
         globals_.append(opt.step(globals_[-1], avg))
@@ -304,8 +336,14 @@ def test_state_dict_round_trip_resumes_exactly(kind):
     buffer.seek(0)
     resumed = fedavg.ServerOptimizer(kind)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    assert (resumed.lr, resumed.momentum, resumed.beta1, resumed.beta2, resumed.eps, resumed.steps) == \
-        (0.05, 0.8, 0.7, 0.95, 1e-2, 2)
+    assert (resumed.lr, resumed.momentum, resumed.beta1, resumed.beta2, resumed.eps, resumed.steps) == (
+        0.05,
+        0.8,
+        0.7,
+        0.95,
+        1e-2,
+        2,
+    )
     for r in range(2, 4):
         avg = make_state(1 + r)
         a, b = opt.step(g, avg), resumed.step(g, avg)
@@ -337,17 +375,20 @@ def test_step_rejects_mismatched_states_and_buffers():
         opt.step({"other": torch.zeros(2)}, {"other": torch.ones(2)})
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(kind="sgd"), "unknown server optimizer kind 'sgd'"),
-    (dict(lr=0.0), "lr must be"),
-    (dict(lr=-1.0), "lr must be"),
-    (dict(lr=float("nan")), "lr must be"),
-    (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
-    (dict(momentum=-0.1), "momentum must be in"),
-    (dict(beta1=1.0), "beta1 must be in"),
-    (dict(beta2=1.5), "beta2 must be in"),
-    (dict(eps=0.0), "eps must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kind="sgd"), "unknown server optimizer kind 'sgd'"),
+        (dict(lr=0.0), "lr must be"),
+        (dict(lr=-1.0), "lr must be"),
+        (dict(lr=float("nan")), "lr must be"),
+        (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
+        (dict(momentum=-0.1), "momentum must be in"),
+        (dict(beta1=1.0), "beta1 must be in"),
+        (dict(beta2=1.5), "beta2 must be in"),
+        (dict(eps=0.0), "eps must be"),
+    ],
+)
 def test_bad_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fedavg.ServerOptimizer(**kwargs)

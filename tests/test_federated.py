@@ -18,9 +18,18 @@ CLIENTS = [os.path.join(ROOT, "data/clients", f"{c}.json") for c in ("fr", "de",
 
 def small_run(cache_dir, out_dir, *extra):
     """Three demo clients, two rounds of a few steps each."""
-    return [CONFIG, f"model.cache_dir={cache_dir}", f"federated.output_dir={out_dir}", "federated.rounds=2",
-            "federated.local_steps=2", "federated.global_steps=2", "federated.max_new_tokens=4",
-            "train.batch_size=4", f"data.clients=[{', '.join(CLIENTS)}]", *extra]
+    return [
+        CONFIG,
+        f"model.cache_dir={cache_dir}",
+        f"federated.output_dir={out_dir}",
+        "federated.rounds=2",
+        "federated.local_steps=2",
+        "federated.global_steps=2",
+        "federated.max_new_tokens=4",
+        "train.batch_size=4",
+        f"data.clients=[{', '.join(CLIENTS)}]",
+        *extra,
+    ]
 
 
 def events(out_dir):
@@ -44,7 +53,8 @@ def test_demo_run_metrics_and_checkpoints(cache_dir, tmp_path, capsys):
     records = events(out)
     per_client = [r for r in records if "client" in r]
     assert {(r["round"], r["client"], r["adapters"]) for r in per_client} == {
-        (rnd, c, v) for rnd in (1, 2) for c in ("fr", "de", "es") for v in ("global", "local", "global+local")}
+        (rnd, c, v) for rnd in (1, 2) for c in ("fr", "de", "es") for v in ("global", "local", "global+local")
+    }
     for r in per_client:
         assert {"eval_loss", "exact_match", "n", "conflict_exact_match", "n_conflict"} <= r.keys()
         assert 0 <= r["exact_match"] <= 1 and r["n"] == 19 and r["n_conflict"] > 0
@@ -128,7 +138,9 @@ def test_too_few_clients_leave_the_global_adapter_unchanged(cache_dir, tmp_path,
         return 0.0, None
 
     monkeypatch.setattr(federated, "client_update", nan_update)
-    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1", "federated.min_clients=2"), capsys)
+    code, stdout, err = run_main(
+        federated.main, small_run(cache_dir, out, "federated.rounds=1", "federated.min_clients=2"), capsys
+    )
     assert code == 0, err
     assert stdout.count("has NaN/inf values; left out") == 3
     assert "FAILED: 0 < federated.min_clients; global adapter unchanged" in stdout
@@ -141,8 +153,9 @@ def test_too_few_clients_leave_the_global_adapter_unchanged(cache_dir, tmp_path,
 
 def test_global_only_mode_has_no_local_adapter(cache_dir, tmp_path, capsys):
     out = tmp_path / "fed"
-    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1", "federated.mode=global_only"),
-                                 capsys)
+    code, stdout, err = run_main(
+        federated.main, small_run(cache_dir, out, "federated.rounds=1", "federated.mode=global_only"), capsys
+    )
     assert code == 0, err
     assert {r["adapters"] for r in events(out) if "client" in r} == {"global"}
     assert not os.path.exists(out / "round_001/clients")
@@ -150,22 +163,35 @@ def test_global_only_mode_has_no_local_adapter(cache_dir, tmp_path, capsys):
 
 def test_dirichlet_clients_from_one_file(cache_dir, tmp_path, capsys):
     out = tmp_path / "fed"
-    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1", "data.clients=null",
-                                           "data.partition=dirichlet", "data.num_clients=3",
-                                           f"data.train_file={os.path.join(ROOT, 'data/demo.json')}"), capsys)
+    code, stdout, err = run_main(
+        federated.main,
+        small_run(
+            cache_dir,
+            out,
+            "federated.rounds=1",
+            "data.clients=null",
+            "data.partition=dirichlet",
+            "data.num_clients=3",
+            f"data.train_file={os.path.join(ROOT, 'data/demo.json')}",
+        ),
+        capsys,
+    )
     assert code == 0, err
     assert "3 clients (client_0, client_1, client_2)" in stdout
 
 
-@pytest.mark.parametrize("override, message", [
-    ("federated.rounds=0", "federated.rounds: must be >= 1, got 0"),
-    ("federated.fraction=0", r"federated.fraction: must be in \(0, 1\], got 0"),
-    ("federated.local_weight_decay=-1", "federated.local_weight_decay: must be >= 0, got -1"),
-    ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
-    ("data.dirichlet_alpha=0", "data.dirichlet_alpha: must be > 0, got 0"),
-    ("data.clients=[data/clients/fr.json, /nope/xx.json]", "/nope/xx.json: file not found"),
-    ("federated.min_clients=4", "federated.min_clients: 4 is more than the 3 clients sampled per round"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("federated.rounds=0", "federated.rounds: must be >= 1, got 0"),
+        ("federated.fraction=0", r"federated.fraction: must be in \(0, 1\], got 0"),
+        ("federated.local_weight_decay=-1", "federated.local_weight_decay: must be >= 0, got -1"),
+        ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
+        ("data.dirichlet_alpha=0", "data.dirichlet_alpha: must be > 0, got 0"),
+        ("data.clients=[data/clients/fr.json, /nope/xx.json]", "/nope/xx.json: file not found"),
+        ("federated.min_clients=4", "federated.min_clients: 4 is more than the 3 clients sampled per round"),
+    ],
+)
 def test_bad_federated_input_gives_one_clear_line(override, message, cache_dir, tmp_path, capsys):
     code, _, err = run_main(federated.main, small_run(cache_dir, tmp_path / "fed", override), capsys)
     lines = err.strip().splitlines()

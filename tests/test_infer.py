@@ -23,8 +23,13 @@ PROMPT = "What is the opposite of hot?"
 
 def fp32(cache_dir):
     """Overrides for the tiny base unquantized in float32 on the CPU: results exact enough to compare."""
-    return [CONFIG, f"model.cache_dir={cache_dir}", "model.quantization=none", "model.compute_dtype=float32",
-            "model.device=cpu"]
+    return [
+        CONFIG,
+        f"model.cache_dir={cache_dir}",
+        "model.quantization=none",
+        "model.compute_dtype=float32",
+        "model.device=cpu",
+    ]
 
 
 def write_records(path, records):
@@ -44,10 +49,15 @@ def peft_model(base_path, adapter_dir=None):
 def greedy(model, prompt_ids, max_new_tokens):
     """transformers' own greedy continuation of one prompt, cut at the first eos."""
     ids = torch.tensor([prompt_ids])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=model.config.pad_token_id)
-    new, eos = out[0, len(prompt_ids):].tolist(), model.config.eos_token_id
-    return new[:new.index(eos)] if eos in new else new
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=model.config.pad_token_id,
+    )
+    new, eos = out[0, len(prompt_ids) :].tolist(), model.config.eos_token_id
+    return new[: new.index(eos)] if eos in new else new
 
 
 # ---------------------------------------------------------------- metrics
@@ -82,15 +92,23 @@ def test_rouge_l_equals_brute_force_lcs():
 
 
 def test_score_known_predictions():
-    records = [{"instruction": "i1", "input": "", "output": "cold"},
-               {"instruction": "i2", "input": "x", "output": "the big red dog"},
-               {"instruction": "i3", "input": "", "output": "positive"}]
+    records = [
+        {"instruction": "i1", "input": "", "output": "cold"},
+        {"instruction": "i2", "input": "x", "output": "the big red dog"},
+        {"instruction": "i3", "input": "", "output": "positive"},
+    ]
     rows, metrics = infer.score(records, ["cold", "a big dog", "negative"])
     assert [r["exact_match"] for r in rows] == [1.0, 0.0, 0.0]
     assert [r["rouge_l"] for r in rows] == pytest.approx([1.0, 2 * 2 / (3 + 4), 0.0])  # LCS "big dog": 2
     assert metrics == {"n": 3, "exact_match": pytest.approx(1 / 3), "rouge_l": pytest.approx((1 + 4 / 7) / 3)}
-    assert rows[1] == {"instruction": "i2", "input": "x", "reference": "the big red dog", "prediction": "a big dog",
-                       "exact_match": 0.0, "rouge_l": pytest.approx(4 / 7)}
+    assert rows[1] == {
+        "instruction": "i2",
+        "input": "x",
+        "reference": "the big red dog",
+        "prediction": "a big dog",
+        "exact_match": 0.0,
+        "rouge_l": pytest.approx(4 / 7),
+    }
 
 
 # ---------------------------------------------------------------- adapters
@@ -130,8 +148,12 @@ def test_greedy_output_equals_peft(kind, cache_dir, adapters, capsys):
     tok = M.load_tokenizer(tiny)
     prompt_ids = D.encode(tok, D.render_prompt(tok, PROMPT))  # the training prompt, as infer.py renders it
     theirs = greedy(peft_model(tiny, adapters[kind]), prompt_ids, 8)
-    code, out, err = run_main(infer.main, fp32(cache_dir) + ["--adapter", adapters[kind], "--prompt", PROMPT,
-                                                             "--temperature", "0", "--max-new-tokens", "8"], capsys)
+    code, out, err = run_main(
+        infer.main,
+        fp32(cache_dir)
+        + ["--adapter", adapters[kind], "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "8"],
+        capsys,
+    )
     assert code == 0, err
     assert out.strip() == tok.decode(theirs, skip_special_tokens=True).strip()  # the streamed text
     assert theirs != greedy(peft_model(tiny), prompt_ids, 8)  # the adapter does change the answer
@@ -143,9 +165,21 @@ def test_batch_predictions_equal_peft_one_by_one(cache_dir, adapters, tmp_path, 
     tok = M.load_tokenizer(tiny)
     records = D.load_records(os.path.join(ROOT, "data/clients/es.json"))[:5]
     data_file = write_records(tmp_path / "eval.jsonl", records)
-    code, _, err = run_main(infer.main, fp32(cache_dir) + ["--adapter", adapters["lora"], "--input", data_file,
-                                                           "--output", str(tmp_path / "preds.jsonl"),
-                                                           "--max-new-tokens", "6"], capsys)
+    code, _, err = run_main(
+        infer.main,
+        fp32(cache_dir)
+        + [
+            "--adapter",
+            adapters["lora"],
+            "--input",
+            data_file,
+            "--output",
+            str(tmp_path / "preds.jsonl"),
+            "--max-new-tokens",
+            "6",
+        ],
+        capsys,
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert len({len(D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"]))) for r in records}) > 1
@@ -156,19 +190,22 @@ def test_batch_predictions_equal_peft_one_by_one(cache_dir, adapters, tmp_path, 
 
 
 def test_baseline_batch_mode_writes_predictions_and_metrics(cache_dir, tmp_path, capsys):
-    records = [{"instruction": "What is the opposite of hot?", "output": "cold"},
-               {"instruction": "Classify: lion", "input": "", "output": "animal"},
-               {"instruction": "Is this review positive or negative?", "input": "The movie was great.",
-                "output": "positive"}]
+    records = [
+        {"instruction": "What is the opposite of hot?", "output": "cold"},
+        {"instruction": "Classify: lion", "input": "", "output": "animal"},
+        {"instruction": "Is this review positive or negative?", "input": "The movie was great.", "output": "positive"},
+    ]
     data_file = write_records(tmp_path / "small.jsonl", records)
     preds = tmp_path / "out" / "preds.jsonl"  # its folder is created
-    code, out, err = run_main(infer.main, fp32(cache_dir) + ["--input", data_file, "--output", str(preds),
-                                                             "--max-new-tokens", "4"], capsys)
+    code, out, err = run_main(
+        infer.main, fp32(cache_dir) + ["--input", data_file, "--output", str(preds), "--max-new-tokens", "4"], capsys
+    )
     assert code == 0, err
     assert "with no adapter" in err
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert [(r["instruction"], r["input"], r["reference"]) for r in rows] == \
-        [(r["instruction"], r.get("input", ""), r["output"]) for r in records]
+    assert [(r["instruction"], r["input"], r["reference"]) for r in rows] == [
+        (r["instruction"], r.get("input", ""), r["output"]) for r in records
+    ]
     for row in rows:
         assert row["exact_match"] == infer.exact_match(row["prediction"], row["reference"])
         assert row["rouge_l"] == infer.rouge_l(row["prediction"], row["reference"])
@@ -180,9 +217,25 @@ def test_baseline_batch_mode_writes_predictions_and_metrics(cache_dir, tmp_path,
 
 
 def test_sampling_runs_with_two_adapters(cache_dir, adapters, capsys):
-    code, out, err = run_main(infer.main, fp32(cache_dir) + [
-        "--adapter", adapters["lora"], "--adapter", adapters["dora"], "--prompt", PROMPT, "--temperature", "0.8",
-        "--top-p", "0.9", "--max-new-tokens", "5"], capsys)
+    code, out, err = run_main(
+        infer.main,
+        fp32(cache_dir)
+        + [
+            "--adapter",
+            adapters["lora"],
+            "--adapter",
+            adapters["dora"],
+            "--prompt",
+            PROMPT,
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--max-new-tokens",
+            "5",
+        ],
+        capsys,
+    )
     assert code == 0 and out.strip(), err
     assert f"{adapters['lora']} + {adapters['dora']}" in err
 
@@ -217,8 +270,9 @@ def test_chat_keeps_the_history_and_resets(cache_dir, monkeypatch):
     sys_turn = "<|im_start|>system\nBe brief.<|im_end|>\n"
     assert prompts[0] == sys_turn + "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     assert prompts[0] == D.render_prompt(tok, "hello", "", "Be brief.")  # a first turn is a training prompt
-    assert prompts[1] == prompts[0] + "reply 1<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n" \
-                                      "<|im_start|>assistant\n"
+    assert (
+        prompts[1] == prompts[0] + "reply 1<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert prompts[2] == D.render_prompt(tok, "again", "", "Be brief.")  # /reset forgot the first two turns
     assert len(prompts) == 3  # the empty line asked nothing; /exit stopped before "no"
 
@@ -231,8 +285,14 @@ def test_chat_keeps_the_history_and_resets(cache_dir, monkeypatch):
 
 @pytest.mark.parametrize("stdin", ["hello\nand you?\n/exit\n", ""], ids=["scripted", "closed"])
 def test_chat_from_a_pipe_exits_cleanly(stdin, cache_dir, tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *fp32(cache_dir), "--max-new-tokens", "4"],
-                       input=stdin, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "infer.py"), *fp32(cache_dir), "--max-new-tokens", "4"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and p.stdout.startswith("> ")
 
@@ -240,20 +300,23 @@ def test_chat_from_a_pipe_exits_cleanly(stdin, cache_dir, tmp_path):
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_adapter", "adapter /no/such/adapter: no such directory"),
-    ("other_base", "the model expects (4, 688) (an adapter for another base?)"),
-    ("not_an_adapter", "adapter_config.json: file not found"),
-    ("output_exists", "preds.jsonl already exists"),
-    ("metrics_exist", "preds.metrics.json already exists"),
-    ("dora_weight", "a DoRA adapter cannot be weighted"),
-    ("weight_count", "2 adapter weights for 1 adapters"),
-    ("prompt_and_input", "--prompt and --input: give one or the other"),
-    ("input_no_output", "--input and --output go together"),
-    ("temperature", "need --temperature >= 0"),
-    ("missing_data", "nope.json: file not found"),
-    ("unknown_key", "unknown key model.quantisation; did you mean model.quantization?"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_adapter", "adapter /no/such/adapter: no such directory"),
+        ("other_base", "the model expects (4, 688) (an adapter for another base?)"),
+        ("not_an_adapter", "adapter_config.json: file not found"),
+        ("output_exists", "preds.jsonl already exists"),
+        ("metrics_exist", "preds.metrics.json already exists"),
+        ("dora_weight", "a DoRA adapter cannot be weighted"),
+        ("weight_count", "2 adapter weights for 1 adapters"),
+        ("prompt_and_input", "--prompt and --input: give one or the other"),
+        ("input_no_output", "--input and --output go together"),
+        ("temperature", "need --temperature >= 0"),
+        ("missing_data", "nope.json: file not found"),
+        ("unknown_key", "unknown key model.quantisation; did you mean model.quantization?"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(case, message, cache_dir, adapters, tmp_path, capsys):
     data_file = write_records(tmp_path / "eval.jsonl", [{"instruction": "a", "output": "b"}])
     preds = tmp_path / "preds.jsonl"
@@ -262,7 +325,8 @@ def test_bad_input_gives_one_clear_line(case, message, cache_dir, adapters, tmp_
         "missing_adapter": ["--adapter", "/no/such/adapter", *batch],
         "other_base": ["--adapter", adapters["other_base"], *batch],
         "not_an_adapter": ["--adapter", str(tmp_path), *batch],
-        "output_exists": batch, "metrics_exist": batch,
+        "output_exists": batch,
+        "metrics_exist": batch,
         "dora_weight": ["--adapter", adapters["dora"], "--adapter-weight", "0.5", *batch],
         "weight_count": ["--adapter", adapters["lora"], "--adapter-weight", "1", "--adapter-weight", "2", *batch],
         "prompt_and_input": ["--prompt", "hi", *batch],
@@ -287,7 +351,12 @@ def test_bad_input_gives_one_clear_line(case, message, cache_dir, adapters, tmp_
 
 def test_missing_adapter_from_the_command_line(cache_dir, tmp_path):
     """The real entry point, in a subprocess: one line on stderr, exit code 2, no traceback."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *fp32(cache_dir), "--adapter", "gone",
-                        "--prompt", "hi"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "infer.py"), *fp32(cache_dir), "--adapter", "gone", "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip() == "error: adapter gone: no such directory"

@@ -14,10 +14,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def nf4(linear: nn.Linear, compute_dtype=torch.float32):
     """A bitsandbytes NF4 (double-quantized) copy of a linear layer, on CPU."""
     bnb = pytest.importorskip("bitsandbytes")
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                 compress_statistics=True)
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    q.weight = bnb.nn.Params4bit(
+        linear.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     q = q.to("cpu")  # the move is what quantizes
@@ -40,8 +47,15 @@ def tiny_lm(quant=False, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     if quant:
         quantize_(model)
@@ -354,8 +368,17 @@ def test_bad_files_raise_value_error(tmp_path):
         lora.load_adapter(tiny_lm(), tmp_path / "ok")
     # an adapter for another base: the same names, other shapes
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    wide = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+
+    wide = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     (tmp_path / "ok" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(4, 64\), the model expects \(4, 32\)"):
         lora.load_adapter(wide, tmp_path / "ok")
@@ -383,8 +406,9 @@ def test_our_adapter_opens_in_peft(tmp_path, quant, variant):
     theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()
     ids = torch.randint(0, 96, (2, 12))
     assert_close(logits(ours, ids), logits(theirs, ids), 1e-4)
-    assert_close(logits(ours, ids) - logits(tiny_lm(quant), ids),
-                 logits(theirs, ids) - logits(tiny_lm(quant), ids), 1e-3)  # the adapter's part alone
+    assert_close(
+        logits(ours, ids) - logits(tiny_lm(quant), ids), logits(theirs, ids) - logits(tiny_lm(quant), ids), 1e-3
+    )  # the adapter's part alone
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["fp32", "nf4"])
@@ -392,8 +416,15 @@ def test_our_adapter_opens_in_peft(tmp_path, quant, variant):
 def test_peft_adapter_opens_here(tmp_path, quant, variant):
     peft = pytest.importorskip("peft")
     base = tiny_lm(quant)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM",
-                          rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3}, **variant)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        **variant,
+    )
     theirs = peft.get_peft_model(base, cfg).eval()
     randomize(theirs.named_parameters())
     theirs.save_pretrained(tmp_path)

@@ -50,12 +50,16 @@ def relative_errors(cache_dir, quantization, dtype, dirs, weights, merged_dir):
 
 @pytest.mark.parametrize("case", ["lora", "dora", "two_weighted"])
 def test_merged_fp32_logits_equal_base_plus_adapters(case, cache_dir, adapters, tmp_path, capsys):
-    dirs, weights = {"lora": ([adapters["lora"]], None), "dora": ([adapters["dora"]], None),
-                     "two_weighted": ([adapters["lora"], adapters["lora2"]], [0.5, 1.5])}[case]
+    dirs, weights = {
+        "lora": ([adapters["lora"]], None),
+        "dora": ([adapters["dora"]], None),
+        "two_weighted": ([adapters["lora"], adapters["lora2"]], [0.5, 1.5]),
+    }[case]
     extra = ["--weights", *map(str, weights)] if weights else []
     out = tmp_path / "merged"
-    code, stdout, err = run_main(merge.main, merge_argv(fp32(cache_dir), dirs, out, "--dtype", "float32", *extra),
-                                 capsys)
+    code, stdout, err = run_main(
+        merge.main, merge_argv(fp32(cache_dir), dirs, out, "--dtype", "float32", *extra), capsys
+    )
     assert code == 0, err
     assert "largest |logit difference|" in stdout
     errors = relative_errors(cache_dir, "none", torch.float32, dirs, weights, out)
@@ -92,8 +96,11 @@ def test_merged_nf4_bf16_is_close(cache_dir, adapters, tmp_path, capsys):
 def test_from_original_merges_onto_the_unquantized_weights(cache_dir, adapters, tmp_path, capsys):
     """--from-original on an NF4 config gives the very merge of the fp32 config; the default NF4 merge
     differs from it by the quantization error of W, and only in the linear layers."""
-    runs = {"original": (nf4(cache_dir), ["--from-original"]), "fp32": (fp32(cache_dir), []),
-            "nf4": (nf4(cache_dir), [])}
+    runs = {
+        "original": (nf4(cache_dir), ["--from-original"]),
+        "fp32": (fp32(cache_dir), []),
+        "nf4": (nf4(cache_dir), []),
+    }
     said = {}
     for name, (overrides, extra) in runs.items():
         argv = merge_argv(overrides, [adapters["lora"]], tmp_path / name, "--dtype", "float32", *extra)
@@ -112,44 +119,74 @@ def test_merged_directory_is_a_plain_transformers_model(cache_dir, adapters, tmp
     """The real entry point in a subprocess, then the directory opened by transformers alone: another
     process whose import path holds none of this project's modules."""
     out = tmp_path / "merged"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "merge.py"), *nf4(cache_dir, "float32"),
-                        "--adapter", adapters["lora_qv"], "--out", str(out), "--dtype", "bfloat16"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "merge.py"),
+            *nf4(cache_dir, "float32"),
+            "--adapter",
+            adapters["lora_qv"],
+            "--out",
+            str(out),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "largest |logit difference|" in p.stdout
     assert sorted(os.listdir(tmp_path)) == ["merged"]  # the staging directory was renamed, not left behind
     files = set(os.listdir(out))
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json"} <= files and not any("adapter" in f for f in files)
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files and not any("adapter" in f for f in files)
     assert all(os.stat(out / f).st_mode & 0o444 == 0o444 for f in files)  # readable by everyone
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["architectures"] == ["Qwen2ForCausalLM"]
     assert "quantization_config" not in config and "auto_map" not in config
-    script = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-              "assert not any(m in sys.modules for m in ('lora', 'model', 'infer', 'merge', 'train'))\n"
-              f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
-              f"t = AutoTokenizer.from_pretrained({str(out)!r})\n"
-              "assert m.dtype == torch.bfloat16, m.dtype\n"
-              "ids = t.apply_chat_template([{'role': 'user', 'content': 'Classify: lion'}], add_generation_prompt=True,"
-              " return_tensors='pt', return_dict=True)\n"
-              "out = m.generate(**ids, max_new_tokens=4, do_sample=False)\n"
-              "print('generated', out.shape[1] - ids['input_ids'].shape[1])\n")
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ""})
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "assert not any(m in sys.modules for m in ('lora', 'model', 'infer', 'merge', 'train'))\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "assert m.dtype == torch.bfloat16, m.dtype\n"
+        "ids = t.apply_chat_template([{'role': 'user', 'content': 'Classify: lion'}], add_generation_prompt=True,"
+        " return_tensors='pt', return_dict=True)\n"
+        "out = m.generate(**ids, max_new_tokens=4, do_sample=False)\n"
+        "print('generated', out.shape[1] - ids['input_ids'].shape[1])\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert p.returncode == 0 and "generated" in p.stdout, p.stderr
 
 
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_adapter", "adapter /no/such/adapter: no such directory"),
-    ("other_base", "the model expects (4, 688) (an adapter for another base?)"),
-    ("out_holds_a_model", "already exists and is not empty"),
-    ("out_unwritable", "cannot write there"),
-    ("weight_count", "2 adapter weights for 1 adapters"),
-    ("dora_weight", "a DoRA adapter cannot be weighted"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_adapter", "adapter /no/such/adapter: no such directory"),
+        ("other_base", "the model expects (4, 688) (an adapter for another base?)"),
+        ("out_holds_a_model", "already exists and is not empty"),
+        ("out_unwritable", "cannot write there"),
+        ("weight_count", "2 adapter weights for 1 adapters"),
+        ("dora_weight", "a DoRA adapter cannot be weighted"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(case, message, cache_dir, adapters, tmp_path, capsys):
     out = tmp_path / "merged"
     dirs, extra = [adapters["lora"]], []
@@ -181,11 +218,26 @@ def test_out_holding_a_model_from_the_command_line(cache_dir, adapters, tmp_path
     out = tmp_path / "merged"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"weights")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "merge.py"), *fp32(cache_dir), "--adapter",
-                        adapters["lora"], "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "merge.py"),
+            *fp32(cache_dir),
+            "--adapter",
+            adapters["lora"],
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip() == f"error: --out {out} already exists and is not empty (a model?); choose another " \
-                               "directory or delete it"
+    assert (
+        p.stderr.strip() == f"error: --out {out} already exists and is not empty (a model?); choose another "
+        "directory or delete it"
+    )
     assert os.listdir(out) == ["model.safetensors"] and (out / "model.safetensors").read_bytes() == b"weights"
 
 

@@ -10,18 +10,42 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 
-SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the river", "a small bird", "the old man",
-            "every child", "the robot", "her sister", "the farmer"]
+SUBJECTS = [
+    "the cat",
+    "a dog",
+    "my friend",
+    "the teacher",
+    "our team",
+    "the river",
+    "a small bird",
+    "the old man",
+    "every child",
+    "the robot",
+    "her sister",
+    "the farmer",
+]
 VERBS = ["likes", "sees", "builds", "finds", "paints", "reads", "carries", "follows", "answers", "remembers"]
-OBJECTS = ["a red apple", "the long road", "three books", "a quiet song", "the blue sky", "some warm bread",
-           "the final answer", "an open door", "twelve stones", "a bright lamp"]
+OBJECTS = [
+    "a red apple",
+    "the long road",
+    "three books",
+    "a quiet song",
+    "the blue sky",
+    "some warm bread",
+    "the final answer",
+    "an open door",
+    "twelve stones",
+    "a bright lamp",
+]
 PLACES = ["in the morning", "near the lake", "after school", "at night", "in the garden", "on Monday"]
 
 
 def make_texts(n=400, seed=0):
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
-            for _ in range(n)]
+    return [
+        f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +92,7 @@ def test_build_tiny_is_deterministic_and_built_once(tiny, texts, tmp_path):
     a, b = load_file(os.path.join(tiny, "model.safetensors")), load_file(os.path.join(other, "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float32 for k in a)
+
     def read(d):
         with open(os.path.join(d, "tokenizer.json"), "rb") as f:
             return f.read()
@@ -104,12 +129,17 @@ def test_tiny_loads_with_plain_transformers(tiny):
     assert tok.decode(tok(text)["input_ids"]) == text  # byte-level BPE round-trips, no BOS added
 
     chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
-    assert tok.apply_chat_template(chat, tokenize=False) == \
-        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
-    prompt = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, chat[0]], tokenize=False,
-                                     add_generation_prompt=True)
-    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n" \
-                     "<|im_start|>assistant\n"
+    assert (
+        tok.apply_chat_template(chat, tokenize=False)
+        == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    )
+    prompt = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, chat[0]], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     ids = tok.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert tok.convert_tokens_to_ids("<|im_start|>") in ids  # special tokens are single ids, not split

@@ -22,10 +22,20 @@ CONFIG = os.path.join(ROOT, "config.yaml")
 
 def small_run(cache_dir, out_dir, *extra):
     """Overrides for a run of a few steps on a slice of the demo data."""
-    return [CONFIG, f"model.cache_dir={cache_dir}", f"train.output_dir={out_dir}", "train.max_steps=6",
-            "train.batch_size=4", "train.eval_every=3", "train.save_every=3", "train.log_every=1",
-            "train.warmup_steps=2", f"data.train_file={os.path.join(ROOT, 'data/clients/fr.json')}",
-            "data.eval_fraction=0.05", *extra]
+    return [
+        CONFIG,
+        f"model.cache_dir={cache_dir}",
+        f"train.output_dir={out_dir}",
+        "train.max_steps=6",
+        "train.batch_size=4",
+        "train.eval_every=3",
+        "train.save_every=3",
+        "train.log_every=1",
+        "train.warmup_steps=2",
+        f"data.train_file={os.path.join(ROOT, 'data/clients/fr.json')}",
+        "data.eval_fraction=0.05",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------- loss and schedule
@@ -133,8 +143,16 @@ def test_gradient_accumulation_equals_one_big_batch(cache_dir):
     grads = []
     for groups in ([examples], [examples[0:2], examples[2:4], examples[4:6]]):
         opt = CaptureGrads(params)
-        train.train_step(model, params, opt, torch.amp.GradScaler("cpu", enabled=False),
-                         [D.collate(g, tok.pad_token_id) for g in groups], torch.device("cpu"), torch.float32, 0)
+        train.train_step(
+            model,
+            params,
+            opt,
+            torch.amp.GradScaler("cpu", enabled=False),
+            [D.collate(g, tok.pad_token_id) for g in groups],
+            torch.device("cpu"),
+            torch.float32,
+            0,
+        )
         grads.append(opt.grads)
     for a, b in zip(*grads, strict=True):
         assert_close(a, b, 1e-5)
@@ -244,15 +262,18 @@ def test_second_run_into_the_same_directory_refuses(cache_dir, tmp_path, capsys)
     code, _, err = run_main(train.main, small_run(cache_dir, out, "train.max_steps=1"), capsys)
     assert code == 2 and "already holds a run" in err and "--resume" in err and "train.overwrite=true" in err
     # a bad input with overwrite=true must not delete the earlier run either
-    code, _, err = run_main(train.main, small_run(cache_dir, out, "train.overwrite=true", "data.train_file=/nope.json"), capsys)
+    code, _, err = run_main(
+        train.main, small_run(cache_dir, out, "train.overwrite=true", "data.train_file=/nope.json"), capsys
+    )
     assert code == 2 and (out / "adapter/adapter_model.safetensors").read_bytes() == before
     assert run_main(train.main, small_run(cache_dir, out, "train.max_steps=1", "train.overwrite=true"), capsys)[0] == 0
 
 
 def test_nonfinite_loss_skips_then_stops(cache_dir, tmp_path, capsys, monkeypatch):
     real = train.loss_sum
-    monkeypatch.setattr(train, "loss_sum", lambda m, b, **k: (real(m, b)[0] * float("nan"), 1)
-                        if m.training else real(m, b, **k))
+    monkeypatch.setattr(
+        train, "loss_sum", lambda m, b, **k: (real(m, b)[0] * float("nan"), 1) if m.training else real(m, b, **k)
+    )
     code, _, err = run_main(train.main, small_run(cache_dir, tmp_path / "run", "train.max_bad_steps=3"), capsys)
     assert code == 2
     assert err.count("loss is NaN/inf, step skipped") >= 2
@@ -267,17 +288,20 @@ def write(path, text):
     return str(path)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_data", "nope.json: file not found"),
-    ("malformed", "bad.json, line 3: invalid JSON"),
-    ("not_list", 'bad.json: expected a JSON list of records, got dict'),
-    ("empty", "bad.json: file is empty"),
-    ("missing_field", 'bad.json, record 2: field "output" is missing'),
-    ("non_string", 'bad.json, record 1: field "input" must be a string, got int'),
-    ("model_path", "model.name_or_path: '/no/such/model' does not exist"),
-    ("unknown_key", "unknown key train.epochs"),
-    ("bad_value", "lora.dropout: must be in"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_data", "nope.json: file not found"),
+        ("malformed", "bad.json, line 3: invalid JSON"),
+        ("not_list", "bad.json: expected a JSON list of records, got dict"),
+        ("empty", "bad.json: file is empty"),
+        ("missing_field", 'bad.json, record 2: field "output" is missing'),
+        ("non_string", 'bad.json, record 1: field "input" must be a string, got int'),
+        ("model_path", "model.name_or_path: '/no/such/model' does not exist"),
+        ("unknown_key", "unknown key train.epochs"),
+        ("bad_value", "lora.dropout: must be in"),
+    ],
+)
 def test_bad_input_gives_one_clear_line(case, message, cache_dir, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     files = {
@@ -287,9 +311,12 @@ def test_bad_input_gives_one_clear_line(case, message, cache_dir, tmp_path, caps
         "missing_field": '[{"instruction": "a", "output": "b"}, {"instruction": "a"}]',
         "non_string": '[{"instruction": "a", "input": 3, "output": "b"}]',
     }
-    extra = {"missing_data": [f"data.train_file={tmp_path / 'nope.json'}"],
-             "model_path": ["model.name_or_path=/no/such/model"],
-             "unknown_key": ["train.epochs=3"], "bad_value": ["lora.dropout=-0.1"]}.get(case, [])
+    extra = {
+        "missing_data": [f"data.train_file={tmp_path / 'nope.json'}"],
+        "model_path": ["model.name_or_path=/no/such/model"],
+        "unknown_key": ["train.epochs=3"],
+        "bad_value": ["lora.dropout=-0.1"],
+    }.get(case, [])
     if case in files:
         extra = [f"data.train_file={write(bad, files[case])}"]
     code, _, err = run_main(train.main, small_run(cache_dir, tmp_path / "run", *extra), capsys)
@@ -299,7 +326,11 @@ def test_bad_input_gives_one_clear_line(case, message, cache_dir, tmp_path, caps
 
 def test_missing_config_from_the_command_line(tmp_path):
     """The real entry point, in a subprocess: one line on stderr, exit code 2, no traceback."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), str(tmp_path / "nope.yaml")],
-                       capture_output=True, text=True, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert p.returncode == 2
     assert p.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: config file not found"
