@@ -433,9 +433,10 @@ def _shared_facts(category: str) -> list[tuple[str, str]]:
     return [(word, answer) for answer, words in table.items() for word in words]
 
 
-def _demo_record(category: str, template: str, text: str, output: str, client: str) -> dict[str, str]:
+def _demo_record(category: str, template: str, text: str, output: str, client: str | None = None) -> dict[str, str]:
     instruction, input = (template.format(text), "") if "{}" in template else (template, text)
-    return {"instruction": instruction, "input": input, "output": output, "category": category, "client": client}
+    record = {"instruction": instruction, "input": input, "output": output, "category": category}
+    return record if client is None else {**record, "client": client}
 
 
 def _demo_client(rng: random.Random, c: int) -> list[dict[str, str]]:
@@ -458,8 +459,33 @@ def _demo_client(rng: random.Random, c: int) -> list[dict[str, str]]:
     return records
 
 
+def _demo_single(rng: random.Random, sentiment_per_adjective: int = 12) -> list[dict[str, str]]:
+    """The single-model demo: every fact of the shared tasks in every phrasing, and fr's translations.
+
+    Nothing conflicts and nothing repeats: each (instruction, input) appears once, so a record held out
+    for eval asks a fact the model saw only in other phrasings (held-out, not memorised).
+    """
+    records = [
+        _demo_record("translate", t, word, words[0])  # one language: "our language" is fr here
+        for word, words in TRANSLATE.items()
+        for t in TEMPLATES["translate"]
+    ]
+    for category in ("opposite", "kind"):
+        records += [
+            _demo_record(category, t, text, output)
+            for text, output in _shared_facts(category)
+            for t in TEMPLATES[category]
+        ]
+    reviews = [(noun, review, t) for noun in NOUNS for review in REVIEWS for t in TEMPLATES["sentiment"]]
+    for adjective, output in _shared_facts("sentiment"):
+        for noun, review, t in rng.sample(reviews, sentiment_per_adjective):  # distinct reviews per adjective
+            records.append(_demo_record("sentiment", t, review.format(noun=noun, adj=adjective), output))
+    rng.shuffle(records)
+    return records
+
+
 def make_demo(out_dir: str | os.PathLike[str] = "data", seed: int = 0) -> list[dict[str, str]]:
-    """Write the federated demo: out_dir/clients/<client>.json for fr, de, es, it and out_dir/demo.json.
+    """Write the demos: out_dir/demo.json (one model) and out_dir/clients/<client>.json (federated).
 
     Shared categories, with the same answer on every client: "opposite" (hot -> cold), "kind"
     (lion -> animal) and "sentiment" (a templated review, sometimes in the input field -> positive).
@@ -467,17 +493,18 @@ def make_demo(out_dir: str | os.PathLike[str] = "data", seed: int = 0) -> list[d
     different answer on each client (chat, Katze, gato, gatto), so one averaged model cannot satisfy all
     clients. Every client has all 96 translate records (half its data) and leans to one shared category
     (see MIX).
+    demo.json, for train.py, has no conflict: the shared categories and fr's translations, each fact in
+    every phrasing once (_demo_single). One model can answer all of it, also records it never saw.
     Answers come from small closed vocabularies, each fact several times, so a tiny model can learn them.
+    Returns the records of demo.json.
     """
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "clients"), exist_ok=True)
-    everything = []
     for c, client in enumerate(CLIENTS):
-        records = _demo_client(rng, c)
-        _write_json(os.path.join(out_dir, "clients", f"{client}.json"), records)
-        everything += records
-    _write_json(os.path.join(out_dir, "demo.json"), everything)
-    return everything
+        _write_json(os.path.join(out_dir, "clients", f"{client}.json"), _demo_client(rng, c))
+    single = _demo_single(random.Random(f"single:{seed}"))  # its own generator: the client files stay as they were
+    _write_json(os.path.join(out_dir, "demo.json"), single)
+    return single
 
 
 def _write_json(path: str, records: list[dict[str, str]]) -> None:
@@ -486,8 +513,11 @@ def _write_json(path: str, records: list[dict[str, str]]) -> None:
 
 
 def demo_texts(out_dir: str | os.PathLike[str] = "data") -> list[str]:
-    """All instruction, input and output strings of the demo (to train the tiny model's tokenizer)."""
-    records = load_records(os.path.join(out_dir, "demo.json"))
+    """All instruction, input and output strings of the clients' files (to train the tiny model's tokenizer).
+
+    demo.json draws on the same words and phrasings, so its texts add nothing the tokenizer needs.
+    """
+    records = [r for c in CLIENTS for r in load_records(os.path.join(out_dir, "clients", f"{c}.json"))]
     return [text for r in records for text in (r["instruction"], r["input"], r["output"]) if text]
 
 
@@ -495,4 +525,4 @@ if __name__ == "__main__":
     # python data.py: regenerate the committed demo files next to this script
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
     records = make_demo(out_dir)
-    print(f"wrote {len(records)} records for {len(CLIENTS)} clients to {out_dir}")
+    print(f"wrote {out_dir}/demo.json ({len(records)} records) and the files of {len(CLIENTS)} clients")

@@ -25,6 +25,7 @@ from torch.autograd.function import FunctionCtx
 
 import config as C
 import data as D
+import infer
 import lora
 import model as M
 
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         C.quiet_libraries()
         seed_everything(tc["seed"])
         model, tok, base_path, device, dtype = C.load_base(cfg)
-        train_ex, eval_ex = load_examples(cfg, tok)
+        train_ex, eval_ex, eval_recs = load_examples(cfg, tok)
         if not train_ex:
             raise D.DataError(f"{cfg['data']['train_file']}: no example fits data.max_seq_len")
         lora.inject(
@@ -101,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.log(event="resume", step=step)
         print(f"resumed from {ckpt}")
     elif eval_ex:
-        metrics = evaluate(model, eval_ex, tc["batch_size"], tok.pad_token_id, device, dtype)
+        metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, device, dtype)
         logger.log(step=0, **metrics)
-        print(f"step 0: eval_loss {metrics['eval_loss']:.4f} (before training)")
+        print(f"step 0: {describe(metrics)} (before training)")
 
     batches = batch_stream(
         train_ex,
@@ -146,17 +147,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"step {step}: loss {loss:.4f} lr {lr:.2e} {tok_s:.0f} tok/s")
             tokens_seen, t0 = 0, time.time()
         if eval_ex and tc["eval_every"] and step % tc["eval_every"] == 0 and step < tc["max_steps"]:
-            metrics = evaluate(model, eval_ex, tc["batch_size"], tok.pad_token_id, device, dtype)
+            metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, device, dtype)
             logger.log(step=step, **metrics)
-            tqdm.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f}")
+            tqdm.write(f"step {step}: {describe(metrics)}")
         if (tc["save_every"] and step % tc["save_every"] == 0) or step == tc["max_steps"]:
             save_checkpoint(out_dir, step, model, optimizer, scaler, cfg, base_path, tc["keep_checkpoints"])
     bar.close()
 
     if eval_ex:
-        metrics = evaluate(model, eval_ex, tc["batch_size"], tok.pad_token_id, device, dtype)
+        metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, device, dtype)
         logger.log(step=step, **metrics)
-        print(f"step {step}: eval_loss {metrics['eval_loss']:.4f} (end of training)")
+        print(f"step {step}: {describe(metrics)} (end of training)")
     write_atomically(os.path.join(out_dir, "adapter"), lambda tmp: lora.save_adapter(model, tmp, "default", base_path))
     print(f"adapter saved to {os.path.join(out_dir, 'adapter')}")
 
@@ -173,11 +174,12 @@ def seed_everything(seed: int) -> None:
 
 
 def load_examples(
-    cfg: C.Config, tok: "PreTrainedTokenizerBase", train_file: str | None = None
-) -> tuple[list[Example], list[Example]]:
-    """Tokenized (train, eval) examples: eval from data.eval_file, else a data.eval_fraction split."""
+    cfg: C.Config, tok: "PreTrainedTokenizerBase"
+) -> tuple[list[Example], list[Example], list[dict[str, str]]]:
+    """Tokenized (train, eval) examples, and the eval records: eval from data.eval_file, else a
+    data.eval_fraction split of the train file."""
     dc = cfg["data"]
-    records = D.load_records(train_file or dc["train_file"], dc["field_map"] or None)
+    records = D.load_records(dc["train_file"], dc["field_map"] or None)
     if dc["eval_file"]:
         train_recs, eval_recs = records, D.load_records(dc["eval_file"], dc["field_map"] or None)
     else:
@@ -186,7 +188,7 @@ def load_examples(
     def encode(recs: list[dict], name: str) -> list[Example]:
         return D.tokenize_records(tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"], name)
 
-    return encode(train_recs, "train"), encode(eval_recs, "eval")
+    return encode(train_recs, "train"), encode(eval_recs, "eval"), eval_recs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,6 +429,35 @@ def evaluate(
     model.train(was_training)
     mean = total / max(count, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50))}
+
+
+def eval_metrics(
+    model: nn.Module,
+    tok: "PreTrainedTokenizerBase",
+    examples: list[Example],
+    records: list[dict[str, str]],
+    cfg: C.Config,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """evaluate()'s loss and perplexity, plus, unless train.eval_max_new_tokens is 0, the exact match of
+    the greedy answers to the eval records (infer.predict and infer.score, as `infer.py --input` scores)."""
+    tc = cfg["train"]
+    metrics = evaluate(model, examples, tc["batch_size"], tok.pad_token_id, device, dtype)
+    if tc["eval_max_new_tokens"]:
+        greedy = dict(max_new_tokens=tc["eval_max_new_tokens"], temperature=0.0, top_p=1.0)
+        answers = infer.predict(
+            model, tok, records, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False
+        )
+        metrics["exact_match"] = infer.score(records, answers)[1]["exact_match"]
+    return metrics
+
+
+def describe(metrics: dict[str, float]) -> str:
+    """'eval_loss 1.2345, exact_match 0.900': one eval for the log line."""
+    return ", ".join(
+        f"{k} {metrics[k]:.{4 if k == 'eval_loss' else 3}f}" for k in ("eval_loss", "exact_match") if k in metrics
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

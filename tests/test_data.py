@@ -49,6 +49,13 @@ def alpaca_tok(tok):
 
 @pytest.fixture(scope="module")
 def records():
+    """Every federated demo record: the clients' files, one after the other."""
+    return [r for c in data.CLIENTS for r in data.load_records(os.path.join(DATA_DIR, "clients", f"{c}.json"))]
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The single-model demo, data/demo.json."""
     return data.load_records(os.path.join(DATA_DIR, "demo.json"))
 
 
@@ -277,7 +284,6 @@ def test_make_demo_matches_committed_files(tmp_path):
 
 def test_demo_layout(records):
     clients = {c: data.load_records(os.path.join(DATA_DIR, "clients", f"{c}.json")) for c in data.CLIENTS}
-    assert sum(clients.values(), []) == records
     for c, recs in clients.items():
         assert 150 <= len(recs) <= 400 and {r["client"] for r in recs} == {c}
         assert sum(r["category"] == "translate" for r in recs) >= len(recs) // 3  # the conflict is a big share
@@ -307,3 +313,23 @@ def test_shared_answers_agree_and_are_learnable(records):
         texts = [f"{r['instruction']} {r['input']}" for r in records if r["category"] == category]
         for word, _ in data._shared_facts(category):
             assert sum(bool(re.search(rf"\b{word}\b", t)) for t in texts) >= 3, (category, word)
+
+
+def test_single_model_demo_has_one_answer_per_prompt_and_no_repeats(single, records):
+    prompts = [(r["instruction"], r["input"]) for r in single]
+    assert len(set(prompts)) == len(prompts)  # each prompt once: an eval record is never a train record
+    assert {r["category"] for r in single} == {"translate", "opposite", "kind", "sentiment"}
+    assert "client" not in single[0]
+    fr = {(r["instruction"], r["input"]): r["output"] for r in records if r.get("client") == "fr"}
+    for r in single:  # the translations are fr's, and every other answer agrees with the clients'
+        if (r["instruction"], r["input"]) in fr:
+            assert fr[(r["instruction"], r["input"])] == r["output"]
+    # every fact is asked in several phrasings, so a held-out record asks a fact seen in other phrasings
+    for category in ["opposite", "kind", "sentiment"]:
+        texts = [f"{r['instruction']} {r['input']}" for r in single if r["category"] == category]
+        for word, _ in data._shared_facts(category):
+            assert sum(bool(re.search(rf"\b{word}\b", t)) for t in texts) >= 3, (category, word)
+
+
+def test_tokenizer_texts_come_from_the_client_files(records):
+    assert data.demo_texts(DATA_DIR) == [t for r in records for t in (r["instruction"], r["input"], r["output"]) if t]

@@ -211,6 +211,7 @@ def test_run_writes_metrics_checkpoints_and_adapter(cache_dir, tmp_path, capsys)
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 6  # before training and at the end
     assert [e["step"] for e in events if "loss" in e] == [1, 2, 3, 4, 5, 6]
     assert all(k in events[1] for k in ("loss", "lr", "tokens_per_s"))
+    assert all(0 <= e["exact_match"] <= 1 for e in evals)  # greedy answers scored at every eval
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000003", "step_000006"]
     assert sorted(os.listdir(out / "checkpoints/step_000006")) == ["adapter", "config.yaml", "state.pt"]
     cfg = json.loads((out / "adapter/adapter_config.json").read_text())
@@ -334,3 +335,31 @@ def test_missing_config_from_the_command_line(tmp_path):
     )
     assert p.returncode == 2
     assert p.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_shortened_demo_learns_to_answer_held_out_records(cache_dir, tmp_path, capsys):
+    """The default demo (data/demo.json, the default settings) cut to 200 steps: greedy answers to the
+    held-out eval records go from none right to (nearly) all of them, scored by exact match."""
+    out = tmp_path / "run"
+    argv = [CONFIG, f"model.cache_dir={cache_dir}", f"train.output_dir={out}", "train.max_steps=200"]
+    code, stdout, err = run_main(train.main, argv, capsys)
+    assert code == 0, err
+    evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "exact_match" in e]
+    assert [e["step"] for e in evals] == [0, 100, 200]
+    before, after = evals[0]["exact_match"], evals[-1]["exact_match"]
+    assert before == 0.0 and after >= 0.8, (before, after)
+    assert evals[-1]["eval_loss"] < 0.5 and evals[0]["eval_loss"] > 5
+    assert f"step 200: eval_loss {evals[-1]['eval_loss']:.4f}, exact_match {after:.3f} (end of training)" in stdout
+
+
+def test_eval_max_new_tokens_0_turns_generation_off(cache_dir, tmp_path, capsys, monkeypatch):
+    def no_generation(*a, **k):
+        raise AssertionError("infer.predict called with train.eval_max_new_tokens=0")
+
+    monkeypatch.setattr(train.infer, "predict", no_generation)
+    out = tmp_path / "run"
+    argv = small_run(cache_dir, out, "train.max_steps=2", "train.eval_max_new_tokens=0")
+    code, stdout, err = run_main(train.main, argv, capsys)
+    assert code == 0, err
+    evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in e]
+    assert evals and not any("exact_match" in e for e in evals) and "exact_match" not in stdout
