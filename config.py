@@ -30,7 +30,7 @@ Config = dict[str, dict[str, Any]]  # section -> key -> value
 # ----------------------------------------------------------------------------------------------------
 # Every key, its default and its type. config.yaml documents them; a file may set any subset.
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULTS: Config = {
     "model": dict(
         name_or_path="tiny",
@@ -41,7 +41,7 @@ DEFAULTS: Config = {
         gradient_checkpointing=True,
         cache_dir=".cache",
     ),
-    "lora": dict(r=16, alpha=32, dropout=0.05, use_dora=False, use_rslora=False, target_modules=ALL_LINEAR),
+    "lora": dict(r=16, alpha=32, dropout=0.05, use_dora=False, use_rslora=False, target_modules=DEFAULT_TARGETS),
     "data": dict(
         train_file="data/demo.json",
         eval_file=None,
@@ -90,7 +90,7 @@ DEFAULTS: Config = {
         max_new_tokens=8,
     ),
 }
-AUTO = {"train.batch_size"}  # keys that also take the value "auto"
+WORDS = {"train.batch_size": "auto", "lora.target_modules": "all-linear"}  # keys that also take one word
 NULLABLE = {"data.eval_file": str, "data.system_prompt": str, "data.clients": list}  # keys whose default is None
 CHOICES = {
     "model.quantization": M.QUANTIZATIONS,
@@ -104,7 +104,7 @@ RULES = {  # key: (test, what it must be)
     "lora.r": (lambda v: v >= 1, ">= 1"),
     "lora.alpha": (lambda v: v > 0, "> 0"),
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "lora.target_modules": (bool, "a non-empty list"),
+    "lora.target_modules": (bool, "a non-empty list or all-linear"),
     "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.max_seq_len": (lambda v: v >= 8, ">= 8"),
     "data.num_clients": (lambda v: v >= 1, ">= 1"),
@@ -204,7 +204,7 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     want = NULLABLE.get(key, type(default))
     if value is None and key in NULLABLE:
         return value
-    if key in AUTO and value == "auto":
+    if WORDS.get(key) == value:
         return value
     if want is float and type(value) is int:
         return float(value)  # lr=1 means 1.0
@@ -214,7 +214,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         except ValueError:
             pass
     if type(value) is not want:
-        raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+        also = f" or {WORDS[key]}" if key in WORDS else ""
+        raise ConfigError(f"{key}: expected {want.__name__}{also}, got {type(value).__name__} {value!r}")
     if want is list and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
     return value

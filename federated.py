@@ -375,12 +375,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not examples[name][0]:
                 raise D.DataError(f"client {name}: no training example fits data.max_seq_len")
         names = ["global"] + ([] if mode == "global_only" else ["local"])
-        for name in names:
-            lora.inject(
-                model, lc["target_modules"], name, lc["r"], lc["alpha"], lc["dropout"], lc["use_dora"], lc["use_rslora"]
-            )
-        lora.mark_trainable(model, names)  # the most a client ever trains at once (joint mode)
+        train.add_adapters(model, lc, names)  # all trainable: the most a client ever trains at once (joint mode)
         everyone = [e for train_ex, _ in examples.values() for e in train_ex]
+        train.check_loss(model, everyone[0], tok.pad_token_id, device, dtype)
         cfg["train"]["batch_size"] = train.resolve_batch_size(
             cfg["train"],
             model,

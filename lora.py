@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+ALL_LINEAR = "all-linear"  # inject's target_modules for every linear layer but the output layer
 PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM: base_model.model.<module path>.lora_A.weight
 EPS = 1e-6  # guards DoRA's division by a row norm that is zero
 
@@ -229,6 +230,11 @@ def _linear_paths(model: nn.Module) -> list[str]:
     return [p for p, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear)) and p not in inner]
 
 
+def linear_names(model: nn.Module) -> list[str]:
+    """The attribute names of the linear layers that could take an adapter (q_proj, lm_head, ...), in order."""
+    return list(dict.fromkeys(p.rpartition(".")[2] for p in _linear_paths(model)))
+
+
 def inject(
     model: nn.Module,
     target_modules: str | Iterable[str],
@@ -243,7 +249,8 @@ def inject(
 
     Args:
         model: any nn.Module; its linear layers are nn.Linear or bitsandbytes Linear4bit.
-        target_modules: attribute names such as ["q_proj", "v_proj"].
+        target_modules: attribute names such as ["q_proj", "v_proj"], or "all-linear" (PEFT's meaning):
+            every linear layer but the output layer (model.get_output_embeddings(), else one named lm_head).
         name: the adapter's name; a layer can hold several.
         r, alpha, dropout: rank, scaling numerator, dropout on the adapter's input.
         use_dora, use_rslora: DoRA's magnitude vector; s = alpha/sqrt(r) instead of alpha/r.
@@ -256,14 +263,19 @@ def inject(
     """
     if r < 1 or not 0 <= dropout < 1:
         raise ValueError(f"need r >= 1 and 0 <= dropout < 1, got r={r}, dropout={dropout}")
-    targets = set([target_modules] if isinstance(target_modules, str) else target_modules)
     candidates = _linear_paths(model)
-    paths = [p for p in candidates if p.rpartition(".")[2] in targets]
+    if target_modules == ALL_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        modules = dict(model.named_modules())
+        targets = {ALL_LINEAR}
+        paths = [p for p in candidates if modules[p] is not head and p.rpartition(".")[2] != "lm_head"]
+    else:
+        targets = set([target_modules] if isinstance(target_modules, str) else target_modules)
+        paths = [p for p in candidates if p.rpartition(".")[2] in targets]
     if not paths:
-        names = sorted({p.rpartition(".")[2] for p in candidates})
         raise ValueError(
             f"no linear layer matches target_modules={sorted(targets)}; "
-            f"the model's linear layers are named: {', '.join(names[:12]) or 'none'}"
+            f"the model's linear layers are named: {', '.join(linear_names(model)[:12]) or 'none'}"
         )
     for path in paths:
         layer = _wrap(model, path)

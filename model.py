@@ -117,21 +117,48 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def resolve_attention(name: str, device: torch.device | str) -> str:
-    """'auto' -> flash_attention_2 (flash_attn installed and CUDA) > sdpa > eager."""
+def resolve_attention(name: str, device: torch.device | str, model_class: type | None = None) -> str:
+    """'auto' -> the first that the device and the model class support: flash_attention_2 (flash_attn
+    installed, CUDA) > sdpa > eager. Gemma 2, for one, supports no sdpa (its attention soft-caps scores).
+
+    model_class is the transformers class that will be loaded (model_class_of); None = assume it supports
+    everything. An explicit choice the class does not support is refused here, in one line.
+    """
     if name not in ATTENTIONS:
         raise ModelError(f"attention: {name!r} is not one of {', '.join(ATTENTIONS)}")
     has_flash = importlib.util.find_spec("flash_attn") is not None
     is_cuda = torch.device(device).type == "cuda"
-    if name == "flash_attention_2" and not (has_flash and is_cuda):
+    available = {
+        "flash_attention_2": has_flash and is_cuda,
+        "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention"),
+        "eager": True,
+    }
+    supported = {  # class flags; transformers < 4.5x spelled the first _supports_flash_attn_2
+        "flash_attention_2": getattr(
+            model_class, "_supports_flash_attn", getattr(model_class, "_supports_flash_attn_2", True)
+        ),
+        "sdpa": getattr(model_class, "_supports_sdpa", True),
+        "eager": True,
+    }
+    if name == "flash_attention_2" and not available[name]:
         raise ModelError("attention: flash_attention_2 needs a CUDA device and the flash_attn package")
     if name != "auto":
+        if not supported[name]:
+            raise ModelError(f"attention: {model_class.__name__} does not support {name}; use auto or eager")
         return name
-    if has_flash and is_cuda:
-        return "flash_attention_2"
-    if hasattr(torch.nn.functional, "scaled_dot_product_attention"):
-        return "sdpa"
-    return "eager"
+    return next(n for n in ("flash_attention_2", "sdpa", "eager") if available[n] and supported[n])
+
+
+def model_class_of(name_or_path: str) -> type | None:
+    """The transformers class AutoModelForCausalLM would load for a model (from its config.json), or None
+    when transformers has no such mapping (remote code)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    config = from_pretrained(AutoConfig, name_or_path)
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
 
 
 # -----------------------------------------------------------------------------
@@ -374,9 +401,10 @@ def load_model(
     if quantization not in QUANTIZATIONS:
         raise ModelError(f"model.quantization: {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     device = resolve_device("auto") if device is None else resolve_device(str(device))
-    attention = resolve_attention(attention, device)
+    resolve_attention(attention, device)  # a bad name or an unusable flash_attention_2: refused before any loading
     name_or_path = os.path.expanduser(str(name_or_path))
     check_name_or_path(name_or_path)
+    attention = resolve_attention(attention, device, model_class_of(name_or_path))
     if quantization != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelError(

@@ -13,6 +13,7 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -54,17 +55,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         train_ex, eval_ex, eval_recs = load_examples(cfg, tok)
         if not train_ex:
             raise D.DataError(f"{cfg['data']['train_file']}: no example fits data.max_seq_len")
-        lora.inject(
-            model,
-            lc["target_modules"],
-            "default",
-            lc["r"],
-            lc["alpha"],
-            lc["dropout"],
-            lc["use_dora"],
-            lc["use_rslora"],
-        )
-        lora.mark_trainable(model, ["default"])
+        add_adapters(model, lc, ["default"])
+        check_loss(model, train_ex[0], tok.pad_token_id, device, dtype)
         tc["batch_size"] = resolve_batch_size(
             tc,
             model,
@@ -191,41 +183,89 @@ def load_examples(
     return encode(train_recs, "train"), encode(eval_recs, "eval"), eval_recs
 
 
+def add_adapters(model: nn.Module, lc: dict, names: list[str]) -> None:
+    """Inject the adapters `names` as the lora section says, make them (only them) trainable, and report
+    in one line which layers got them; a target name that matches no layer of this model is a warning."""
+    for name in names:
+        paths = lora.inject(
+            model, lc["target_modules"], name, lc["r"], lc["alpha"], lc["dropout"], lc["use_dora"], lc["use_rslora"]
+        )
+    lora.mark_trainable(model, names)
+    counts = Counter(p.rpartition(".")[2] for p in paths)
+    each = f" ({next(iter(counts.values()))} layers each)" if len(set(counts.values())) == 1 else ""
+    listed = ", ".join(n if each else f"{n} x{c}" for n, c in counts.items())
+    print(f"adapters {' + '.join(names)} on {len(paths)} linear layers: {listed}{each}")
+    unmatched = [t for t in lc["target_modules"] if t not in counts] if isinstance(lc["target_modules"], list) else []
+    if unmatched:
+        print(
+            f"warning: lora.target_modules: {', '.join(unmatched)} match no linear layer of {type(model).__name__}, "
+            f"whose layers are named {', '.join(lora.linear_names(model))} (lora.target_modules=all-linear adapts "
+            "all but the output layer)",
+            file=sys.stderr,
+        )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loss: cross-entropy on response tokens only, in chunks, from the final hidden states
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, labels_i), a chunk of rows at a time, with the gradient computed in
-    the forward pass.
+    """sum_i CE(logits_i, labels_i), a chunk of rows at a time, with the gradient computed in the forward pass.
 
-    Each chunk's logits live only while that chunk is processed: its softmax minus the one-hot label is
-    the gradient of the logits, so grad_hidden = (softmax - onehot) @ weight is taken right there and
-    kept ((N, H) in fp32, small next to the logits), and backward only scales it. Compared with
-    checkpointing each chunk, that is one lm_head matmul less per chunk (no recompute), for that one
-    (N, H) tensor held until backward. (Liger-Kernel's fused linear cross-entropy does the same in
-    Triton; this is the plain PyTorch form.)
+    The logits are what the model's own forward computes after lm_head (transformers' *ForCausalLM):
+
+        z = scale * (hidden @ weight.T + bias)        scale: Cohere's logit_scale, 1 / Granite's logits_scaling
+        logits = softcap * tanh(z / softcap)           Gemma 2's final logit soft-capping (else logits = z)
+
+    Each chunk's logits live only while that chunk is processed: softmax(logits) minus the one-hot label
+    is the gradient of the logits, and the chain rule through the transform is one factor per logit,
+
+        d logits / d (hidden @ weight.T) = scale * (1 - tanh^2(z / softcap)) = scale * (1 - (logits / softcap)^2)
+
+    so g = (softmax - onehot) * that factor, and grad_hidden = g @ weight is taken right there and kept
+    ((N, H) in fp32, small next to the logits); backward only scales it. Compared with checkpointing each
+    chunk, that is one lm_head matmul less per chunk (no recompute), for that one (N, H) tensor held until
+    backward. (Liger-Kernel's fused linear cross-entropy does the same in Triton; this is the plain
+    PyTorch form.)
     """
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
+        ctx: FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk_size: int,
+        scale: float = 1.0,
+        softcap: float | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden (N, H), weight (V, H), labels (N,) -> the summed loss, a fp32 scalar."""
+        """hidden (N, H), weight (V, H), labels (N,), bias (V,) -> the summed loss, a fp32 scalar."""
         want_h, want_w = ctx.needs_input_grad[:2]
+        if bias is not None and bias.requires_grad:
+            raise ValueError("LinearCrossEntropy does not train the output layer's bias; freeze it")
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for i in range(0, labels.numel(), chunk_size):
             h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
-            logits = F.linear(h, weight)  # (n, V), the compute dtype under autocast
-            probs = logits.float()
+            out = F.linear(h, weight, bias)  # (n, V), the compute dtype under autocast
+            probs = out.float()  # the logits, in fp32; softmax and then its gradient, in place, below
+            if scale != 1:
+                probs = probs * scale
+            if softcap is not None:
+                probs = softcap * torch.tanh(probs / softcap)
             lse = torch.logsumexp(probs, dim=-1)
             total += (lse - probs.gather(1, y[:, None]).squeeze(1)).sum()
             if want_h or want_w:
+                factor = None if softcap is None else 1 - (probs / softcap).square()  # before probs is overwritten
                 probs.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(len(y), device=y.device), y] -= 1  # d CE / d logits
-                g = probs.to(logits.dtype)
+                if factor is not None:
+                    probs.mul_(factor)
+                if scale != 1:
+                    probs.mul_(scale)  # now d CE / d (hidden @ weight.T)
+                g = probs.to(out.dtype)
                 if want_h:
                     grad_h[i : i + chunk_size] = g @ weight
                 if want_w:
@@ -242,18 +282,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (
             None if grad_h is None else (grad_h * grad_total).to(h_dtype),
             None if grad_w is None else (grad_w * grad_total).to(w_dtype),
-            None,
-            None,
+            *(None,) * 5,  # labels, chunk_size, scale, softcap, bias
         )
+
+
+def logit_transform(config: object) -> tuple[float, float | None]:
+    """(scale, softcap) of what a transformers causal LM does to lm_head's output before its loss.
+
+    Cohere multiplies by config.logit_scale, Granite divides by config.logits_scaling, Gemma 2 (and Gemma 3
+    where set) soft-caps with config.final_logit_softcapping. Others: (1.0, None). check_loss verifies the
+    result against the model's own loss, so an architecture that does something else is refused, not
+    trained on another function.
+    """
+    scale = getattr(config, "logit_scale", None) or 1.0
+    if getattr(config, "logits_scaling", None):
+        scale = scale / config.logits_scaling
+    return float(scale), getattr(config, "final_logit_softcapping", None)
 
 
 def loss_sum(model: nn.Module, batch: Batch, chunk_elements: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies over positions with a label, number of such positions).
 
     The usual `model(**batch).loss` builds (B, T, vocab) fp32 logits: 4.9 GB at B*T = 8k tokens for
-    Qwen's 152k vocabulary. Here only the labelled positions (the responses) go through lm_head, in
-    chunks of at most chunk_elements logits, with their gradient taken on the spot (LinearCrossEntropy).
-    The result equals F.cross_entropy over full logits (tests/test_train.py).
+    Qwen's 152k vocabulary. Here only the labelled positions (the responses) go through lm_head and the
+    model's logit transform (logit_transform), in chunks of at most chunk_elements logits, with their
+    gradient taken on the spot (LinearCrossEntropy). The result equals transformers' own loss
+    (tests/test_train.py, tests/test_architectures.py).
 
     Default chunk: 2^25 logits (128 MiB in fp32) on a GPU, where bigger chunks keep lm_head's matmuls
     efficient; 2^22 (16 MiB) on a CPU, where the softmax passes over a chunk then run in cache (a
@@ -263,11 +317,48 @@ def loss_sum(model: nn.Module, batch: Batch, chunk_elements: int | None = None) 
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = labels != D.IGNORE_INDEX
     hidden, labels = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
-    weight = model.get_output_embeddings().weight
+    head = model.get_output_embeddings()
     if chunk_elements is None:
         chunk_elements = 2**22 if hidden.device.type == "cpu" else 2**25
-    chunk = max(1, chunk_elements // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden, weight, labels, chunk), labels.numel()
+    chunk = max(1, chunk_elements // head.weight.shape[0])
+    scale, softcap = logit_transform(model.config)
+    return LinearCrossEntropy.apply(hidden, head.weight, labels, chunk, scale, softcap, head.bias), labels.numel()
+
+
+@torch.no_grad()
+def check_loss(model: nn.Module, example: Example, pad_id: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a model whose loss loss_sum does not reproduce: on the last 64 tokens of one example, its
+    mean must equal transformers' own `model(..., labels=...).loss` (which builds the full logits).
+
+    Raises:
+        M.ModelError: the output layer is not a plain nn.Linear (an adapter on lm_head, say), or the two
+            losses differ by more than rounding (an architecture whose head does something else).
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise M.ModelError(
+            f"{type(model).__name__}'s output layer is a {type(head).__name__}, not a plain nn.Linear, so the "
+            "chunked loss cannot use it (lm_head cannot take an adapter: leave it out of lora.target_modules)"
+        )
+    batch = {k: v.to(device) for k, v in D.collate([{k: v[-64:] for k, v in example.items()}], pad_id).items()}
+    was_training = model.training
+    model.eval()
+    # lm_head's output in fp32, so the model's own transform after it runs in fp32 as ours does: then the
+    # two differ by summation order only (~1e-7), not by bf16 rounding of the logits (~1e-3)
+    upcast = head.register_forward_hook(lambda module, args, out: out.float())
+    try:
+        with M.autocast(device, dtype):
+            ours, n = loss_sum(model, batch)
+            theirs = model(**batch).loss.float()
+    finally:
+        upcast.remove()
+        model.train(was_training)
+    ours = ours / max(n, 1)
+    if not torch.isclose(ours, theirs, rtol=1e-4, atol=1e-5):
+        raise M.ModelError(
+            f"{type(model).__name__}: the chunked loss ({ours.item():.4f}) differs from the model's own "
+            f"({theirs.item():.4f}) on one example, so this architecture's output head is not supported"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

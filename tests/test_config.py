@@ -28,6 +28,7 @@ def test_config_defaults_file_and_overrides(tmp_path):
     assert cfg["lora"]["target_modules"] == ["q_proj", "v_proj"] and cfg["lora"]["use_dora"] is True
     assert cfg["data"]["system_prompt"] == "Be brief." and cfg["data"]["eval_file"] is None
     assert cfg["model"]["name_or_path"] == "tiny"
+    assert C.load_config(CONFIG, ["lora.target_modules=all-linear"])["lora"]["target_modules"] == "all-linear"
     partial = tmp_path / "partial.yaml"
     partial.write_text("lora:\n  r: 4\n")
     cfg = C.load_config(str(partial))
@@ -47,7 +48,9 @@ def test_config_defaults_file_and_overrides(tmp_path):
         ("model.quantization=int3", "model.quantization: 'int3' is not one of nf4, fp4, none"),
         ("federated.mode=solo", "federated.mode: 'solo' is not one of alternating, joint, global_only"),
         ("train.lr", "override 'train.lr': expected section.key=value"),
-        ("train.batch_size=big", "train.batch_size: expected int, got str 'big'"),
+        ("train.batch_size=big", "train.batch_size: expected int or auto, got str 'big'"),
+        ("lora.target_modules=q_proj", "lora.target_modules: expected list or all-linear, got str 'q_proj'"),
+        ("lora.target_modules=[]", r"lora.target_modules: must be a non-empty list or all-linear, got \[\]"),
         ("train.grad_accum=auto", "train.grad_accum: expected int, got str 'auto'"),
     ],
 )
@@ -102,6 +105,6 @@ def test_readme_documents_every_key_once():
 
 
 def test_every_checked_key_exists():
-    """CHOICES, RULES, AUTO and NULLABLE name real keys (a typo there would silently check nothing)."""
-    for table in (C.CHOICES, C.RULES, C.AUTO, C.NULLABLE):
+    """CHOICES, RULES, WORDS and NULLABLE name real keys (a typo there would silently check nothing)."""
+    for table in (C.CHOICES, C.RULES, C.WORDS, C.NULLABLE):
         assert set(table) <= set(C.keys())

@@ -108,7 +108,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(cache_dir, quantization
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model, tok = tiny(cache_dir, quantization, checkpointing=checkpointing)
-        lora.inject(model, C.ALL_LINEAR, r=4, use_dora=True)
+        lora.inject(model, C.DEFAULT_TARGETS, r=4, use_dora=True)
         with torch.no_grad():
             for p in lora.adapter_parameters(model, "default"):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
