@@ -85,6 +85,7 @@ DEFAULTS: Config = {
         global_steps=22,
         local_weight_decay=5.0,
         min_clients=1,
+        round_timeout=600.0,
         server_optimizer="fedavg",
         server_lr=1.0,
         max_new_tokens=8,
@@ -129,6 +130,7 @@ RULES = {  # key: (test, what it must be)
     "federated.global_steps": (lambda v: v >= 1, ">= 1"),
     "federated.local_weight_decay": (lambda v: v >= 0, ">= 0"),
     "federated.min_clients": (lambda v: v >= 1, ">= 1"),
+    "federated.round_timeout": (lambda v: v > 0, "> 0"),
     "federated.server_lr": (lambda v: v > 0, "> 0"),
     "federated.max_new_tokens": (lambda v: v >= 1, ">= 1"),
 }

@@ -252,6 +252,158 @@ def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The two roles. A Client lives at a site: only what fit() returns ever leaves it. The Server lives at
+# the coordinator: it never sees a data file or a local adapter. The serial simulation (main below) and
+# the Flower app (flower_app.py) drive the same two.
+
+Records = list[dict[str, str]]
+
+
+class Client:
+    """One site: its data, its local adapter and that adapter's AdamW state, on a model it shares with no
+    one (the simulation lends every client the one model in memory, in turn)."""
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        tok: "PreTrainedTokenizerBase",
+        cfg: C.Config,
+        records: tuple[Records, Records],
+        examples: tuple[list[train.Example], list[train.Example]],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.name, self.model, self.tok, self.cfg = name, model, tok, cfg
+        self.records, self.examples, self.device, self.dtype = records, examples, device, dtype
+        self.has_local = cfg["federated"]["mode"] != "global_only"
+        self.local = lora.adapter_state_dict(model, "local") if self.has_local else None  # the fresh adapter
+        self.local_optimizer: dict[str, Any] | None = None
+
+    def fit(
+        self, global_state: dict[str, torch.Tensor], task: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], int, float]:
+        """Train on the server's global state as `task` says (round, lr, seeds); returns (the trained global
+        adapter to upload, the sample count that weights it, the mean training loss). The local adapter and
+        its optimizer state change only when this returns. Raises whatever training raised, and
+        FloatingPointError for an upload with NaN/inf values."""
+        lora.load_adapter_state_dict(self.model, global_state, "global")
+        if self.has_local:
+            lora.load_adapter_state_dict(self.model, self.local, "local")
+        torch.manual_seed(task["seed_dropout"])  # dropout: reproducible, also on resume
+        loss, local_opt = client_update(
+            self.model, self.cfg["federated"]["mode"], self.examples[0], task["lr"], self.cfg, task["seed_data"],
+            self.device, self.dtype, self.tok.pad_token_id, self.local_optimizer,
+        )  # fmt: skip
+        upload = {k: v.cpu() for k, v in lora.adapter_state_dict(self.model, "global").items()}
+        if not is_finite(upload):
+            raise FloatingPointError("its global adapter has NaN/inf values")
+        if self.has_local:  # the local adapter stays here
+            self.local = {k: v.cpu() for k, v in lora.adapter_state_dict(self.model, "local").items()}
+            if local_opt is not None:
+                self.local_optimizer = local_opt
+        return upload, len(self.examples[0]), loss
+
+    def evaluate(
+        self, global_state: dict[str, torch.Tensor], conflicts: set[tuple[str, str]] = frozenset()
+    ) -> dict[str, dict[str, float | None]]:
+        """{view: metrics} on this client's eval split for the views global, local and global+local (global
+        only without a local adapter); `conflicts` are the prompts other clients answer differently."""
+        lora.load_adapter_state_dict(self.model, global_state, "global")
+        if self.has_local:
+            lora.load_adapter_state_dict(self.model, self.local, "local")
+        rows = {}
+        for view in VIEWS if self.has_local else ["global"]:
+            lora.set_active(self.model, VIEWS[view])
+            rows[view] = evaluate_client(
+                self.model, self.tok, self.records[1], self.examples[1], conflicts, self.cfg, self.device, self.dtype
+            )
+        return rows
+
+
+class Server:
+    """The coordinator: samples the clients of a round and tells each what to do (lr, seeds), averages
+    what they upload (fedavg.weighted_average, then the server optimizer), and holds the global adapter
+    and the round history."""
+
+    def __init__(self, cfg: C.Config, clients: list[str], global_state: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.clients, self.global_state = cfg, clients, global_state
+        fc = cfg["federated"]
+        self.optimizer = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
+        self.history: list[dict[str, Any]] = []
+
+    def tasks(self, rnd: int) -> list[tuple[str, dict[str, Any]]]:
+        """(client, task) for each client sampled in round `rnd`. A task carries all that makes the
+        client's training reproducible anywhere: the round, its lr and the seeds of data order and dropout."""
+        fc, tc = self.cfg["federated"], self.cfg["train"]
+        lr = train.lr_at(rnd - 1, fc["rounds"], 0, tc["lr"], tc["min_lr_ratio"])
+        sampled = fedavg.sample_clients(self.clients, rnd, tc["seed"], fraction=fc["fraction"])
+        seed = tc["seed"]
+        return [
+            (
+                c,
+                {
+                    "round": rnd,
+                    "lr": lr,
+                    "seed_data": seed * 1009 + rnd * 31 + i,
+                    "seed_dropout": seed * 1_000_003 + rnd * 1009 + i,
+                },
+            )
+            for i, c in enumerate(sampled)
+        ]
+
+    def aggregate(
+        self,
+        rnd: int,
+        sampled: list[str],
+        uploads: list[dict[str, torch.Tensor]],
+        weights: list[int],
+        failed: list[str],
+    ) -> bool:
+        """The new global adapter from the uploads, weighted by sample counts (FedAvg), through the server
+        optimizer; with fewer than federated.min_clients uploads it stays as it was. Returns whether it
+        changed hands (the round's status)."""
+        ok = len(uploads) >= self.cfg["federated"]["min_clients"]
+        if ok:
+            self.global_state = self.optimizer.step(self.global_state, fedavg.weighted_average(uploads, weights))
+        self.history.append({"round": rnd, "sampled": sampled, "failed": failed})
+        return ok
+
+
+def report_round(
+    logger: C.Logger,
+    rnd: int,
+    rounds: int,
+    rows: dict[str, dict[str, dict[str, float | None]]],
+    summary: dict[str, Any],
+    t_train: float,
+) -> None:
+    """Log and print one round: a line per client and view, and the round's summary with the means."""
+    views = list(next(iter(rows.values())))
+    for client, by_view in rows.items():
+        for view, m in by_view.items():
+            logger.log(round=rnd, client=client, adapters=view, **m)
+    for view in views:
+        summary[f"exact_match_{view}"] = sum(r[view]["exact_match"] for r in rows.values()) / len(rows)
+        conflict = [r[view]["conflict_exact_match"] for r in rows.values() if r[view]["n_conflict"]]
+        summary[f"conflict_exact_match_{view}"] = sum(conflict) / len(conflict) if conflict else None
+    logger.log(**summary)
+    n_ok, n = summary["succeeded"], len(summary["clients"])
+    status = "" if summary["status"] == "ok" else f"  FAILED: {n_ok} < federated.min_clients; global adapter unchanged"
+    print(
+        f"round {rnd}/{rounds}: {n_ok}/{n} clients, uploaded "
+        f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}, "
+        f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}"
+    )
+    print_table(rnd, rows, views)
+    if "conflict_exact_match_global+local" in summary and summary["conflict_exact_match_global+local"] is not None:
+        print(
+            f"  conflicting prompts, exact match: global {summary['conflict_exact_match_global']:.2f}, "
+            f"global+local {summary['conflict_exact_match_global+local']:.2f}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints: <output_dir>/round_NNN/{global/, clients/<name>/local/, server.pt}, written atomically
 
 
@@ -387,22 +539,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             dtype,
             os.path.join(out_dir, "config.yaml") if args.resume else None,
         )
-        server = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
+        fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])  # its settings checked before any work
     except (C.ConfigError, D.DataError, M.ModelError, ValueError) as e:
         C.fail(e)
     train.clear_output_dir(out_dir, previous)
     C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
     views = ["global"] if mode == "global_only" else list(VIEWS)
     conflicts = conflicting_prompts(clients)
-    global_state = lora.adapter_state_dict(model, "global")
-    local_init = lora.adapter_state_dict(model, "local") if "local" in names else None
-    local_states = {c: local_init for c in clients} if local_init is not None else {}
-    history, start, local_optimizers = [], 1, {}
+    sites = {c: Client(c, model, tok, cfg, clients[c], examples[c], device, dtype) for c in clients}
+    server = Server(cfg, list(clients), lora.adapter_state_dict(model, "global"))
+    start = 1
     if args.resume:
         last = latest_round(out_dir)
-        start, global_state, saved_locals, local_optimizers, server_state, history = load_round(last, clients)
-        local_states.update(saved_locals)
-        server.load_state_dict(server_state)
+        start, server.global_state, saved_locals, local_optimizers, server_state, server.history = load_round(
+            last, clients
+        )
+        for c, state in saved_locals.items():
+            sites[c].local = state
+        for c, state in local_optimizers.items():
+            sites[c].local_optimizer = state
+        server.optimizer.load_state_dict(server_state)
         start += 1
         print(f"resumed after {os.path.basename(last)}")
     logger = C.Logger(out_dir)
@@ -414,30 +570,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     t_start = time.time()
     for rnd in range(start, fc["rounds"] + 1):
         t0 = time.time()
-        lr = train.lr_at(rnd - 1, fc["rounds"], 0, cfg["train"]["lr"], cfg["train"]["min_lr_ratio"])
-        sampled = fedavg.sample_clients(list(clients), rnd, seed, fraction=fc["fraction"])
+        tasks = server.tasks(rnd)
         uploads, weights, losses, failed = [], [], [], []
-        for ci, client in enumerate(sampled):
+        for client, task in tasks:  # in Flower, each of these runs at its own site, in parallel
             try:
-                lora.load_adapter_state_dict(model, global_state, "global")
-                if "local" in names:
-                    lora.load_adapter_state_dict(model, local_states[client], "local")
-                torch.manual_seed(seed * 1_000_003 + rnd * 1009 + ci)  # dropout: reproducible, also on resume
-                loss, local_opt = client_update(
-                    model,
-                    mode,
-                    examples[client][0],
-                    lr,
-                    cfg,
-                    seed * 1009 + rnd * 31 + ci,
-                    device,
-                    dtype,
-                    tok.pad_token_id,
-                    local_optimizers.get(client),
-                )
-                upload = {k: v.cpu() for k, v in lora.adapter_state_dict(model, "global").items()}
-                if not is_finite(upload):
-                    raise FloatingPointError("its global adapter has NaN/inf values")
+                upload, n, loss = sites[client].fit(server.global_state, task)
             except Exception as e:  # a failing client must not take the federation down with it
                 print(f"  client {client} failed in round {rnd}: {type(e).__name__}: {e}; left out of the average")
                 failed.append(client)
@@ -446,29 +583,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             uploads.append(upload)
-            weights.append(len(examples[client][0]))  # FedAvg weights: sample counts
+            weights.append(n)  # FedAvg weights: sample counts
             losses.append(loss)
-            if "local" in names:  # the local adapter stays with its client (here: in this dict, on CPU)
-                local_states[client] = {k: v.cpu() for k, v in lora.adapter_state_dict(model, "local").items()}
-                if local_opt is not None:
-                    local_optimizers[client] = local_opt
-        ok = len(uploads) >= fc["min_clients"]
-        if ok:
-            global_state = server.step(global_state, fedavg.weighted_average(uploads, weights))
-        history.append({"round": rnd, "sampled": sampled, "failed": failed})
-
+        sampled = [c for c, _ in tasks]
+        ok = server.aggregate(rnd, sampled, uploads, weights, failed)
         t_train = time.time() - t0
-        lora.load_adapter_state_dict(model, global_state, "global")
-        rows = {}
-        for client, (_, eval_recs) in clients.items():
-            if "local" in names:
-                lora.load_adapter_state_dict(model, local_states[client], "local")
-            rows[client] = {}
-            for view in views:
-                lora.set_active(model, VIEWS[view])
-                m = evaluate_client(model, tok, eval_recs, examples[client][1], conflicts, cfg, device, dtype)
-                rows[client][view] = m
-                logger.log(round=rnd, client=client, adapters=view, **m)
+        rows = {c: site.evaluate(server.global_state, conflicts) for c, site in sites.items()}
         summary = {
             "round": rnd,
             "clients": sampled,
@@ -477,40 +597,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             "status": "ok" if ok else "failed",
             "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
             "train_loss": sum(losses) / len(losses) if losses else None,
-            "lr": lr,
+            "lr": tasks[0][1]["lr"] if tasks else None,
             "seconds": round(time.time() - t0, 2),
             "seconds_train": round(t_train, 2),
         }
-        for view in views:
-            summary[f"exact_match_{view}"] = sum(r[view]["exact_match"] for r in rows.values()) / len(rows)
-            conflict = [r[view]["conflict_exact_match"] for r in rows.values() if r[view]["n_conflict"]]
-            summary[f"conflict_exact_match_{view}"] = sum(conflict) / len(conflict) if conflict else None
-        logger.log(**summary)
-        status = "" if ok else f"  FAILED: {len(uploads)} < federated.min_clients; global adapter unchanged"
-        print(
-            f"round {rnd}/{fc['rounds']}: {len(uploads)}/{len(sampled)} clients, uploaded "
-            f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}, "
-            f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}"
-        )
-        print_table(rnd, rows, views)
-        if conflicts and "global+local" in views:
-            print(
-                f"  conflicting prompts, exact match: global {summary['conflict_exact_match_global']:.2f}, "
-                f"global+local {summary['conflict_exact_match_global+local']:.2f}"
-            )
+        report_round(logger, rnd, fc["rounds"], rows, summary, t_train)
+        local_states = {c: site.local for c, site in sites.items() if site.local is not None}
+        local_optimizers = {c: site.local_optimizer for c, site in sites.items() if site.local_optimizer is not None}
         save_round(
-            out_dir,
-            rnd,
-            model,
-            global_state,
-            local_states,
-            local_optimizers,
-            server,
-            history,
-            cfg,
-            base_path,
-            cfg["train"]["keep_checkpoints"],
-        )
+            out_dir, rnd, model, server.global_state, local_states, local_optimizers, server.optimizer, server.history,
+            cfg, base_path, cfg["train"]["keep_checkpoints"],
+        )  # fmt: skip
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
     print(f"done in {time.time() - t_start:.0f}s; checkpoints in {out_dir}")

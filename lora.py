@@ -378,8 +378,13 @@ def save_adapter(
     model: nn.Module, path: str | os.PathLike, name: str = "default", base_model_name_or_path: str | None = None
 ) -> None:
     """Write adapter `name` as PEFT does: path/adapter_config.json and path/adapter_model.safetensors."""
-    from safetensors.torch import save_file
+    write_adapter(path, adapter_state_dict(model, name), adapter_config(model, name, base_model_name_or_path))
 
+
+def adapter_config(
+    model: nn.Module, name: str = "default", base_model_name_or_path: str | None = None
+) -> dict[str, Any]:
+    """Adapter `name`'s settings as PEFT's adapter_config.json holds them."""
     layers = [(p, m.config[name]) for p, m in _wrapped_layers(model) if name in m.config]
     if not layers:
         raise ValueError(f"no adapter named {name!r} in the model")
@@ -403,8 +408,16 @@ def save_adapter(
         "inference_mode": True,
         "modules_to_save": None,
     }
+    return config
+
+
+def write_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write an adapter's tensors and config as PEFT does, each file beside its final name first, then
+    renamed: a crash mid-write never leaves a half file. Needs no model (a federated server has none)."""
+    from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    state = {k: v.contiguous().cpu() for k, v in state.items()}
     # write beside, then rename: a crash mid-write never leaves a half file under the real name
     save_file(state, os.path.join(path, "adapter_model.safetensors.tmp"), metadata={"format": "pt"})
     with open(os.path.join(path, "adapter_config.json.tmp"), "w") as f:

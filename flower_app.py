@@ -1,0 +1,290 @@
+"""Federated fine-tuning across machines, on Flower's deployment engine: federated.py's Client and Server,
+driven by Flower's Message API instead of a loop in one process.
+
+    coordinator   flower-superlink ...                    (see the README: "Run across machines")
+                  flwr run . <federation> --stream --run-config 'config="config.yaml" overrides="..."'
+    each site     flower-supernode ... --node-config "client='fr' data-file='/data/fr.json' state-dir='/state/fr'"
+
+Per round the ServerApp sends each sampled site a "train" message (the global adapter's tensors and the
+task: round, lr, seeds) and every site an "evaluate" message (the new global adapter); a site answers with
+its trained global adapter, its sample count and its metrics. That is all that crosses the network: data
+files, local adapters and optimizer states stay at the site, in its state-dir, versioned by round.
+
+Run config ([tool.flwr.app.config] in pyproject.toml, or `flwr run --run-config`): `config` (the project's
+YAML config, relative to this file's directory unless absolute), `overrides` (section.key=value pairs, as
+on the command line), `resume` (continue after the last complete round in federated.output_dir).
+"""
+
+import json
+import os
+import shlex
+import time
+from typing import Any
+
+import torch
+
+try:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+except ImportError:  # the simulation and every other entry point run without flwr
+    raise SystemExit("error: flower_app.py needs flwr: pip install -r requirements-flower.txt") from None
+
+import config as C
+import data as D
+import fedavg
+import federated
+import lora
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_run_config(run_config: dict[str, Any]) -> C.Config:
+    """The project config named by the run config's `config` and `overrides` keys (ConfigError if bad)."""
+    path = str(run_config.get("config", "config.yaml"))
+    path = path if os.path.isabs(path) else os.path.join(HERE, path)
+    try:
+        overrides = shlex.split(str(run_config.get("overrides", "")))
+    except ValueError as e:
+        raise C.ConfigError(f"run config overrides: {e}") from None
+    return C.load_config(path, overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The site: one federated.Client, its local state kept in state-dir/round_NNN/ (the round it ends)
+
+client_app = ClientApp()
+_site: dict[str, Any] = {}  # this process's Client, set up once per run
+
+
+def site(context: Context) -> tuple[federated.Client, str]:
+    """(this site's Client, its state-dir), built as federated.main builds each client: same seed, base,
+    adapters in the same order, so a site starts from the very adapters the simulation starts from."""
+    key = f"{context.run_id}"
+    if _site.get("key") != key:
+        cfg = load_run_config(context.run_config)
+        nc = context.node_config
+        name, data_file, state_dir = str(nc["client"]), str(nc["data-file"]), str(nc["state-dir"])
+        dc, seed = cfg["data"], cfg["train"]["seed"]
+        records = D.split_eval(D.load_records(data_file, dc["field_map"] or None), dc["eval_fraction"], seed)
+        C.quiet_libraries()
+        train.seed_everything(seed)
+        model, tok, _, device, dtype = C.load_base(cfg)
+        examples = tuple(
+            D.tokenize_records(tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"], f"{name} {w}")
+            for recs, w in ((records[0], "train"), (records[1], "eval"))
+        )
+        mode = cfg["federated"]["mode"]
+        train.add_adapters(model, cfg["lora"], ["global"] + ([] if mode == "global_only" else ["local"]))
+        client = federated.Client(name, model, tok, cfg, records, examples, device, dtype)
+        os.makedirs(state_dir, exist_ok=True)
+        _site.update(key=key, client=client, state_dir=state_dir, fresh=(client.local, client.local_optimizer))
+    return _site["client"], _site["state_dir"]
+
+
+def load_local(client: federated.Client, state_dir: str, upto: int) -> None:
+    """Give the client its local state as it was at the end of round `upto` (the newest saved round <= upto;
+    the fresh adapter if none): a round the server redoes never starts from a state one step ahead."""
+    client.local, client.local_optimizer = _site["fresh"]
+    done = [d for d in train.completed(state_dir, "round_") if int(d[len("round_") :]) <= upto]
+    if done and client.has_local:
+        path = os.path.join(state_dir, done[-1])
+        client.local = lora.read_adapter(os.path.join(path, "local"))[1]
+        opt = os.path.join(path, "local_optimizer.pt")
+        client.local_optimizer = torch.load(opt, weights_only=True) if os.path.isfile(opt) else None
+
+
+def save_local(client: federated.Client, state_dir: str, rnd: int) -> None:
+    """state-dir/round_NNN/{local/, local_optimizer.pt}, written atomically; the two newest are kept."""
+    if not client.has_local:
+        return
+    config = lora.adapter_config(client.model, "local")
+
+    def write(tmp: str) -> None:
+        lora.write_adapter(os.path.join(tmp, "local"), client.local, config)
+        if client.local_optimizer is not None:
+            torch.save(client.local_optimizer, os.path.join(tmp, "local_optimizer.pt"))
+
+    train.write_atomically(os.path.join(state_dir, f"round_{rnd:03d}"), write)
+    train.keep_latest(state_dir, "round_", 2)
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The site's name, its fresh global adapter and the adapter's config (the server's starting point)."""
+    client, _ = site(context)
+    info = ConfigRecord(
+        {"client": client.name, "adapter_config": json.dumps(lora.adapter_config(client.model, "global"))}
+    )
+    global_state = ArrayRecord(lora.adapter_state_dict(client.model, "global"))
+    return Message(content=RecordDict({"site": info, "global": global_state}), reply_to=msg)
+
+
+@client_app.train()
+def fit(msg: Message, context: Context) -> Message:
+    """One round's training: the global adapter in, the trained global adapter and the sample count out."""
+    client, state_dir = site(context)
+    task = dict(msg.content["task"])
+    load_local(client, state_dir, task["round"] - 1)
+    upload, n, loss = client.fit(msg.content["global"].to_torch_state_dict(), task)
+    save_local(client, state_dir, task["round"])
+    metrics = MetricRecord({"num-examples": n, "train-loss": loss})
+    return Message(content=RecordDict({"global": ArrayRecord(upload), "metrics": metrics}), reply_to=msg)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The views' metrics on this site's eval split, with its local state as of the message's round."""
+    client, state_dir = site(context)
+    load_local(client, state_dir, int(msg.content["task"]["round"]))
+    rows = client.evaluate(msg.content["global"].to_torch_state_dict())
+    content = RecordDict(
+        {view: MetricRecord({k: v for k, v in m.items() if v is not None}) for view, m in rows.items()}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The coordinator: one federated.Server; writes <federated.output_dir> as the simulation does, minus the
+# local adapters (at the sites) and the conflicting-prompt report (it needs every site's data)
+
+server_app = ServerApp()
+
+
+def roster(grid: Grid, cfg: C.Config, timeout: float) -> tuple[dict[str, int], dict[str, torch.Tensor], dict]:
+    """({site name: node id}, the fresh global adapter, its adapter config), once every expected site is
+    connected: data.clients' names if set (in that order), else whoever answers. Every site builds the
+    same fresh adapters (same seed), so the first site's serves as the initial global adapter."""
+    expected = [os.path.splitext(os.path.basename(p))[0] for p in cfg["data"]["clients"] or []]
+    deadline, nodes, first = time.time() + timeout, {}, {}
+    while True:
+        ids = [i for i in grid.get_node_ids() if i not in nodes.values()]
+        ask = [Message(RecordDict(), dst_node_id=i, message_type="query") for i in ids]
+        for reply in grid.send_and_receive(ask, timeout=timeout) if ask else []:
+            if not reply.has_error():
+                name = str(reply.content["site"]["client"])
+                nodes[name], first[name] = reply.metadata.src_node_id, reply.content
+        if (expected and set(expected) <= set(nodes)) or (not expected and nodes) or time.time() > deadline:
+            break
+        time.sleep(1)
+    missing = [c for c in expected if c not in nodes]
+    if missing or not nodes:
+        raise C.ConfigError(f"sites not connected after {timeout:.0f}s: {', '.join(missing) or 'any'}")
+    order = expected or sorted(nodes)
+    content = first[order[0]]
+    initial = content["global"].to_torch_state_dict()
+    return {c: nodes[c] for c in order}, initial, json.loads(str(content["site"]["adapter_config"]))
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation; a bad run config, config or output directory ends in one line (streamed to
+    `flwr run`), with nothing written."""
+    try:
+        run(grid, context)
+    except ValueError as e:  # ConfigError, DataError, ModelError: the project's one-line errors
+        C.fail(e)
+
+
+def run(grid: Grid, context: Context) -> None:
+    """The rounds: sample, send the tasks, aggregate what comes back in time, evaluate, checkpoint."""
+    cfg = load_run_config(context.run_config)
+    fc = cfg["federated"]
+    out_dir, timeout = fc["output_dir"], float(fc["round_timeout"])
+    resume = bool(context.run_config.get("resume", False))
+    files = ("metrics.jsonl", "config.yaml", "metrics.png", "round_*")
+    previous = train.check_output_dir(out_dir, resume, cfg["train"]["overwrite"], files, federated.latest_round)
+    nodes, initial, adapter_cfg = roster(grid, cfg, timeout)
+    train.clear_output_dir(out_dir, previous)
+    C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
+    server = federated.Server(cfg, list(nodes), initial)
+    start = 1
+    if resume:
+        last = federated.latest_round(out_dir)
+        state = torch.load(os.path.join(last, "server.pt"), weights_only=True)  # tensors, numbers, names only
+        server.global_state = lora.read_adapter(os.path.join(last, "global"))[1]
+        server.optimizer.load_state_dict(state["server_optimizer"])
+        server.history, start = state["history"], state["round"] + 1
+        print(f"resumed after {os.path.basename(last)}")
+    logger = C.Logger(out_dir)
+    print(f"{len(nodes)} sites ({', '.join(nodes)}), mode {fc['mode']}, {fc['rounds']} rounds")
+    for rnd in range(start, fc["rounds"] + 1):
+        t0 = time.time()
+        tasks = server.tasks(rnd)
+        msgs = [
+            Message(
+                RecordDict({"global": ArrayRecord(server.global_state), "task": ConfigRecord(task)}),
+                dst_node_id=nodes[c],
+                message_type="train",
+            )
+            for c, task in tasks
+        ]
+        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+        uploads, weights, losses, failed = [], [], [], []
+        for client, _ in tasks:
+            reply = replies.get(nodes[client])
+            if reply is None or reply.has_error():
+                why = "no answer within federated.round_timeout" if reply is None else reply.error.reason
+                print(f"  client {client} failed in round {rnd}: {why}; left out of the average")
+                failed.append(client)
+                continue
+            uploads.append(reply.content["global"].to_torch_state_dict())
+            weights.append(int(reply.content["metrics"]["num-examples"]))
+            losses.append(float(reply.content["metrics"]["train-loss"]))
+        sampled = [c for c, _ in tasks]
+        ok = server.aggregate(rnd, sampled, uploads, weights, failed)
+        t_train = time.time() - t0
+        rows = evaluate_sites(grid, nodes, server.global_state, rnd, timeout)
+        summary = {
+            "round": rnd, "clients": sampled, "succeeded": len(uploads), "failed": failed,
+            "status": "ok" if ok else "failed", "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
+            "train_loss": sum(losses) / len(losses) if losses else None, "lr": tasks[0][1]["lr"] if tasks else None,
+            "seconds": round(time.time() - t0, 2), "seconds_train": round(t_train, 2),
+        }  # fmt: skip
+        federated.report_round(logger, rnd, fc["rounds"], rows, summary, t_train)
+        save_round(out_dir, rnd, server, adapter_cfg, cfg)
+    print(f"done; checkpoints in {out_dir}")
+
+
+def evaluate_sites(
+    grid: Grid, nodes: dict[str, int], global_state: dict[str, torch.Tensor], rnd: int, timeout: float
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{site: {view: metrics}} from every site that answers in time (conflict metrics: None, 0)."""
+    msgs = [
+        Message(
+            RecordDict({"global": ArrayRecord(global_state), "task": ConfigRecord({"round": rnd})}),
+            dst_node_id=i,
+            message_type="evaluate",
+        )
+        for i in nodes.values()
+    ]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+    rows = {}
+    for client, node in nodes.items():
+        reply = replies.get(node)
+        if reply is None or reply.has_error():
+            continue
+        rows[client] = {
+            view: {"eval_loss": float(m["eval_loss"]), "exact_match": float(m["exact_match"]), "n": int(m["n"]),
+                   "conflict_exact_match": None, "n_conflict": 0}
+            for view, m in reply.content.metric_records.items()
+        }  # fmt: skip
+    return rows
+
+
+def save_round(out_dir: str, rnd: int, server: federated.Server, adapter_cfg: dict, cfg: C.Config) -> None:
+    """round_NNN/{global/, server.pt, config.yaml}, written atomically; keep train.keep_checkpoints."""
+
+    def write(tmp: str) -> None:
+        lora.write_adapter(os.path.join(tmp, "global"), server.global_state, adapter_cfg)
+        state = {"round": rnd, "server_optimizer": server.optimizer.state_dict(), "history": server.history}
+        torch.save(state, os.path.join(tmp, "server.pt"))
+        C.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
+
+    train.write_atomically(os.path.join(out_dir, f"round_{rnd:03d}"), write)
+    train.keep_latest(out_dir, "round_", cfg["train"]["keep_checkpoints"])
+
+
+# Flower's names for the components (pyproject.toml: serverapp = "flower_app:server", clientapp = "...:client")
+server, client = server_app, client_app

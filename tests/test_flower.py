@@ -1,0 +1,172 @@
+"""flower_app.py on Flower's deployment engine, over loopback with TLS: a SuperLink and one SuperNode per
+site, each a process of its own, `flwr run` submitting the app; compared with the serial simulation."""
+
+import datetime
+import ipaddress
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import federated
+import lora
+from conftest import run_main
+
+flwr = pytest.importorskip("flwr")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "config.yaml")
+BIN = os.path.dirname(sys.executable)  # flower-superlink, flower-supernode, flwr live beside this python
+
+
+def job(cache_dir, out_dir, sites):
+    """The overrides of a small 2-round job, the same for the simulation and the deployment."""
+    files = ",".join(os.path.join(ROOT, "data/clients", f"{s}.json") for s in sites)
+    return [f"model.cache_dir={cache_dir}", f"federated.output_dir={out_dir}", "federated.rounds=2",
+            "federated.local_steps=2", "federated.global_steps=2", "federated.max_new_tokens=4",
+            "train.batch_size=4", f"data.clients=[{files}]", "federated.round_timeout=120"]  # fmt: skip
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_certificates(d):
+    """A CA and a server certificate for 127.0.0.1 / localhost, signed by it (PEM files in d)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, signer, ca):
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if not ca:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = cert(ca_name, ca_name, ca_key, ca_key, True)
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key, False)
+    pem = serialization.Encoding.PEM
+    (d / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (d / "server.crt").write_bytes(server.public_bytes(pem))
+    (d / "server.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return {name: str(d / name) for name in ("ca.crt", "server.crt", "server.key")}
+
+
+class Deployment:
+    """A SuperLink and SuperNodes on free loopback ports, each in its own process group, stopped by it."""
+
+    def __init__(self, tmp, certs):
+        self.tmp, self.certs, self.procs = tmp, certs, {}
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0"}
+        self.port = free_port()
+
+    def start(self, name, argv):
+        home = self.tmp / f"home_{name}"
+        home.mkdir(exist_ok=True)
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        env = {**self.env, "FLWR_HOME": str(home)}
+        self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def superlink(self):
+        self.start("superlink", [os.path.join(BIN, "flower-superlink"), "--ssl-ca-certfile", self.certs["ca.crt"],
+                                 "--ssl-certfile", self.certs["server.crt"], "--ssl-keyfile", self.certs["server.key"],
+                                 "--host", "127.0.0.1", "--port", str(self.port),
+                                 "--disable-runtime-dependency-installation"])  # fmt: skip
+
+    def supernode(self, site, state_dir):
+        data = os.path.join(ROOT, "data/clients", f"{site}.json")
+        self.start(f"supernode_{site}", [os.path.join(BIN, "flower-supernode"), "--superlink",
+                                         f"127.0.0.1:{self.port}", "--root-certificates", self.certs["ca.crt"],
+                                         "--host", "127.0.0.1", "--port", str(free_port()), "--node-config",
+                                         f"client='{site}' data-file='{data}' state-dir='{state_dir}'"])  # fmt: skip
+
+    def kill(self, name, sig=signal.SIGKILL):
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)  # the node and the app processes it started
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def run(self, overrides, timeout=600):
+        """`flwr run` of this repository's app against the SuperLink; returns (exit code, output)."""
+        home = self.tmp / "home_cli"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs["ca.crt"]}"\ninsecure = false\n'
+        )
+        run_config = f"overrides={json.dumps(' '.join(shlex.quote(o) for o in overrides))}"
+        p = subprocess.run([os.path.join(BIN, "flwr"), "run", ROOT, "test", "--stream", "--run-config", run_config],
+                           env={**self.env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=timeout,
+                           start_new_session=True)  # fmt: skip
+        return p.returncode, p.stdout + p.stderr
+
+    def stop(self):
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path, make_certificates(tmp_path))
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def tensors(path):
+    return lora.read_adapter(str(path))[1]
+
+
+def per_client(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {(r["round"], r["client"], r["adapters"]): (r["eval_loss"], r["exact_match"])
+                for r in map(json.loads, f) if "client" in r}  # fmt: skip
+
+
+def test_deployment_over_tls_equals_the_serial_simulation(deployment, cache_dir, tmp_path, capsys):
+    sim, dep = tmp_path / "sim", tmp_path / "dep"
+    t = time.time()
+    code, _, err = run_main(federated.main, [CONFIG, *job(cache_dir, sim, ["fr", "de"])], capsys)
+    t_sim = time.time() - t
+    assert code == 0, err
+    deployment.superlink()
+    for site in ("fr", "de"):
+        deployment.supernode(site, tmp_path / "state" / site)
+    t = time.time()
+    code, out = deployment.run(job(cache_dir, dep, ["fr", "de"]))
+    t_dep = time.time() - t
+    assert code == 0, out
+    print(f"simulation {t_sim:.1f}s, deployment {t_dep:.1f}s")
+    a, b = tensors(sim / "round_002/global"), tensors(dep / "round_002/global")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    assert per_client(sim) == per_client(dep)  # eval loss and exact match, every round, site and view
+    for site in ("fr", "de"):  # the local adapters, kept at the sites, equal the simulation's
+        a = tensors(sim / f"round_002/clients/{site}/local")
+        b = tensors(tmp_path / "state" / site / "round_002/local")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (dep / "round_002/clients").exists()  # the coordinator never holds a local adapter
