@@ -374,17 +374,19 @@ def report_round(
     logger: C.Logger,
     rnd: int,
     rounds: int,
+    views: list[str],
     rows: dict[str, dict[str, dict[str, float | None]]],
     summary: dict[str, Any],
     t_train: float,
 ) -> None:
-    """Log and print one round: a line per client and view, and the round's summary with the means."""
-    views = list(next(iter(rows.values())))
+    """Log and print one round: a line per client and view (of the clients evaluated), and the round's
+    summary with each view's mean over them."""
     for client, by_view in rows.items():
         for view, m in by_view.items():
             logger.log(round=rnd, client=client, adapters=view, **m)
     for view in views:
-        summary[f"exact_match_{view}"] = sum(r[view]["exact_match"] for r in rows.values()) / len(rows)
+        ems = [r[view]["exact_match"] for r in rows.values()]
+        summary[f"exact_match_{view}"] = sum(ems) / len(ems) if ems else None
         conflict = [r[view]["conflict_exact_match"] for r in rows.values() if r[view]["n_conflict"]]
         summary[f"conflict_exact_match_{view}"] = sum(conflict) / len(conflict) if conflict else None
     logger.log(**summary)
@@ -601,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "seconds": round(time.time() - t0, 2),
             "seconds_train": round(t_train, 2),
         }
-        report_round(logger, rnd, fc["rounds"], rows, summary, t_train)
+        report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         local_states = {c: site.local for c, site in sites.items() if site.local is not None}
         local_optimizers = {c: site.local_optimizer for c, site in sites.items() if site.local_optimizer is not None}
         save_round(

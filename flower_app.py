@@ -152,29 +152,37 @@ def evaluate(msg: Message, context: Context) -> Message:
 server_app = ServerApp()
 
 
-def roster(grid: Grid, cfg: C.Config, timeout: float) -> tuple[dict[str, int], dict[str, torch.Tensor], dict]:
+def discover(grid: Grid, seen: set[int], timeout: float) -> dict[str, tuple[int, RecordDict]]:
+    """{site name: (node id, its query answer)} from the connected nodes whose ids are not in `seen` (which grows):
+    a site that restarts connects with a new node id; a dead node's old id is never asked again."""
+    ids = [i for i in grid.get_node_ids() if i not in seen]
+    seen.update(ids)
+    ask = [Message(RecordDict(), dst_node_id=i, message_type="query") for i in ids]
+    answers = {}
+    for reply in grid.send_and_receive(ask, timeout=timeout) if ask else []:
+        if not reply.has_error():
+            answers[str(reply.content["site"]["client"])] = reply.metadata.src_node_id, reply.content
+    return answers
+
+
+def roster(
+    grid: Grid, cfg: C.Config, seen: set[int], timeout: float
+) -> tuple[dict[str, int], dict[str, torch.Tensor], dict]:
     """({site name: node id}, the fresh global adapter, its adapter config), once every expected site is
     connected: data.clients' names if set (in that order), else whoever answers. Every site builds the
     same fresh adapters (same seed), so the first site's serves as the initial global adapter."""
     expected = [os.path.splitext(os.path.basename(p))[0] for p in cfg["data"]["clients"] or []]
-    deadline, nodes, first = time.time() + timeout, {}, {}
-    while True:
-        ids = [i for i in grid.get_node_ids() if i not in nodes.values()]
-        ask = [Message(RecordDict(), dst_node_id=i, message_type="query") for i in ids]
-        for reply in grid.send_and_receive(ask, timeout=timeout) if ask else []:
-            if not reply.has_error():
-                name = str(reply.content["site"]["client"])
-                nodes[name], first[name] = reply.metadata.src_node_id, reply.content
-        if (expected and set(expected) <= set(nodes)) or (not expected and nodes) or time.time() > deadline:
-            break
+    deadline, answers = time.time() + timeout, {}
+    while not ((expected and set(expected) <= set(answers)) or (not expected and answers)):
+        if time.time() > deadline:
+            missing = [c for c in expected if c not in answers]
+            raise C.ConfigError(f"sites not connected after {timeout:.0f}s: {', '.join(missing) or 'any'}")
+        answers.update(discover(grid, seen, timeout))
         time.sleep(1)
-    missing = [c for c in expected if c not in nodes]
-    if missing or not nodes:
-        raise C.ConfigError(f"sites not connected after {timeout:.0f}s: {', '.join(missing) or 'any'}")
-    order = expected or sorted(nodes)
-    content = first[order[0]]
-    initial = content["global"].to_torch_state_dict()
-    return {c: nodes[c] for c in order}, initial, json.loads(str(content["site"]["adapter_config"]))
+    order = expected or sorted(answers)
+    first = answers[order[0]][1]
+    nodes = {c: answers[c][0] for c in order}
+    return nodes, first["global"].to_torch_state_dict(), json.loads(str(first["site"]["adapter_config"]))
 
 
 @server_app.main()
@@ -195,7 +203,8 @@ def run(grid: Grid, context: Context) -> None:
     resume = bool(context.run_config.get("resume", False))
     files = ("metrics.jsonl", "config.yaml", "metrics.png", "round_*")
     previous = train.check_output_dir(out_dir, resume, cfg["train"]["overwrite"], files, federated.latest_round)
-    nodes, initial, adapter_cfg = roster(grid, cfg, timeout)
+    seen: set[int] = set()
+    nodes, initial, adapter_cfg = roster(grid, cfg, seen, timeout)
     train.clear_output_dir(out_dir, previous)
     C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
     server = federated.Server(cfg, list(nodes), initial)
@@ -211,6 +220,10 @@ def run(grid: Grid, context: Context) -> None:
     print(f"{len(nodes)} sites ({', '.join(nodes)}), mode {fc['mode']}, {fc['rounds']} rounds")
     for rnd in range(start, fc["rounds"] + 1):
         t0 = time.time()
+        for name, (node, _) in discover(grid, seen, timeout).items():  # a site back after a restart
+            if name in nodes:
+                nodes[name] = node
+                print(f"  site {name} reconnected (node {nodes[name]})")
         tasks = server.tasks(rnd)
         msgs = [
             Message(
@@ -235,14 +248,18 @@ def run(grid: Grid, context: Context) -> None:
         sampled = [c for c, _ in tasks]
         ok = server.aggregate(rnd, sampled, uploads, weights, failed)
         t_train = time.time() - t0
-        rows = evaluate_sites(grid, nodes, server.global_state, rnd, timeout)
+        silent = {c for c, _ in tasks if nodes[c] not in replies}  # gone, most likely: not asked again until back
+        rows = evaluate_sites(
+            grid, {c: n for c, n in nodes.items() if c not in silent}, server.global_state, rnd, timeout
+        )
         summary = {
             "round": rnd, "clients": sampled, "succeeded": len(uploads), "failed": failed,
             "status": "ok" if ok else "failed", "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
             "train_loss": sum(losses) / len(losses) if losses else None, "lr": tasks[0][1]["lr"] if tasks else None,
             "seconds": round(time.time() - t0, 2), "seconds_train": round(t_train, 2),
         }  # fmt: skip
-        federated.report_round(logger, rnd, fc["rounds"], rows, summary, t_train)
+        views = ["global"] if fc["mode"] == "global_only" else list(federated.VIEWS)
+        federated.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         save_round(out_dir, rnd, server, adapter_cfg, cfg)
     print(f"done; checkpoints in {out_dir}")
 

@@ -110,8 +110,8 @@ class Deployment:
             pass
         proc.wait(timeout=30)
 
-    def run(self, overrides, timeout=600):
-        """`flwr run` of this repository's app against the SuperLink; returns (exit code, output)."""
+    def start_run(self, overrides):
+        """Start `flwr run` of this repository's app against the SuperLink (its output in run.log)."""
         home = self.tmp / "home_cli"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
@@ -119,10 +119,20 @@ class Deployment:
             f'root-certificates = "{self.certs["ca.crt"]}"\ninsecure = false\n'
         )
         run_config = f"overrides={json.dumps(' '.join(shlex.quote(o) for o in overrides))}"
-        p = subprocess.run([os.path.join(BIN, "flwr"), "run", ROOT, "test", "--stream", "--run-config", run_config],
-                           env={**self.env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=timeout,
-                           start_new_session=True)  # fmt: skip
-        return p.returncode, p.stdout + p.stderr
+        argv = [os.path.join(BIN, "flwr"), "run", ROOT, "test", "--stream", "--run-config", run_config]
+        log = open(self.tmp / "run.log", "wb")  # noqa: SIM115 (closed with the process)
+        self.procs["run"] = subprocess.Popen(argv, env={**self.env, "FLWR_HOME": str(home)}, stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    def wait_run(self, timeout=600):
+        """(exit code, output) of the run started by start_run."""
+        code = self.procs.pop("run").wait(timeout=timeout)
+        return code, (self.tmp / "run.log").read_text()
+
+    def run(self, overrides, timeout=600):
+        """`flwr run` to the end; returns (exit code, output)."""
+        self.start_run(overrides)
+        return self.wait_run(timeout)
 
     def stop(self):
         for name in list(self.procs):
@@ -170,3 +180,33 @@ def test_deployment_over_tls_equals_the_serial_simulation(deployment, cache_dir,
         b = tensors(tmp_path / "state" / site / "round_002/local")
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (dep / "round_002/clients").exists()  # the coordinator never holds a local adapter
+
+
+def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, tmp_path):
+    """Three sites; es dies (SIGKILL) as round 1 starts and is restarted at once. Round 1 waits
+    federated.round_timeout, averages fr and de, and reports es failed; in round 2 the restarted es (a new
+    node id) is found again and trains from its state-dir, which holds nothing of round 1."""
+    out, state = tmp_path / "dep", tmp_path / "state"
+    deployment.superlink()
+    for site in ("fr", "de", "es"):
+        deployment.supernode(site, state / site)
+    timeout = 60
+    deployment.start_run([*job(cache_dir, out, ["fr", "de", "es"]), f"federated.round_timeout={timeout}"])
+    deadline = time.time() + 300
+    while not (out / "config.yaml").exists():  # written once every site answered: round 1 starts now
+        assert time.time() < deadline and "run" in deployment.procs, (tmp_path / "run.log").read_text()
+        time.sleep(0.5)
+    time.sleep(3)
+    deployment.kill("supernode_es")
+    deployment.supernode("es", state / "es")
+    code, output = deployment.wait_run()
+    assert code == 0, output
+    rounds = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "status" in r}
+    assert rounds[1]["failed"] == ["es"] and rounds[1]["succeeded"] == 2 and rounds[1]["status"] == "ok"
+    # waited for es (send_and_receive polls every 3 s, so up to one poll short of the timeout), then went on
+    assert timeout - 5 <= rounds[1]["seconds_train"] < timeout + 40
+    assert {r["client"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r.get("round") == 2 and "client" in r} == {"fr", "de", "es"}  # fmt: skip
+    assert rounds[2]["failed"] == [] and rounds[2]["succeeded"] == 3
+    assert not (state / "es/round_001").exists() and (state / "es/round_002/local").is_dir()
+    assert "site es reconnected" in output
