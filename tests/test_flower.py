@@ -110,7 +110,7 @@ class Deployment:
             pass
         proc.wait(timeout=30)
 
-    def start_run(self, overrides):
+    def start_run(self, overrides, resume=False):
         """Start `flwr run` of this repository's app against the SuperLink (its output in run.log)."""
         home = self.tmp / "home_cli"
         home.mkdir(exist_ok=True)
@@ -118,9 +118,9 @@ class Deployment:
             f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.certs["ca.crt"]}"\ninsecure = false\n'
         )
-        run_config = f"overrides={json.dumps(' '.join(shlex.quote(o) for o in overrides))}"
+        run_config = f"overrides={json.dumps(' '.join(shlex.quote(o) for o in overrides))} resume={str(resume).lower()}"
         argv = [os.path.join(BIN, "flwr"), "run", ROOT, "test", "--stream", "--run-config", run_config]
-        log = open(self.tmp / "run.log", "wb")  # noqa: SIM115 (closed with the process)
+        log = open(self.tmp / "run.log", "ab")  # noqa: SIM115 (closed with the process)
         self.procs["run"] = subprocess.Popen(argv, env={**self.env, "FLWR_HOME": str(home)}, stdout=log,
                                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
@@ -210,3 +210,36 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     assert rounds[2]["failed"] == [] and rounds[2]["succeeded"] == 3
     assert not (state / "es/round_001").exists() and (state / "es/round_002/local").is_dir()
     assert "site es reconnected" in output
+
+
+def test_deployment_resumed_after_a_crash_equals_the_simulation(deployment, cache_dir, tmp_path, capsys):
+    """The whole federation dies (SuperLink, ServerApp, SuperNodes: SIGKILL) during round 2; restarted, with
+    `resume=true` it continues after round 1 and ends where the uninterrupted simulation ends."""
+    sim, dep, state = tmp_path / "sim", tmp_path / "dep", tmp_path / "state"
+    assert run_main(federated.main, [CONFIG, *job(cache_dir, sim, ["fr", "de"])], capsys)[0] == 0
+
+    def start():
+        deployment.superlink()
+        for site in ("fr", "de"):
+            deployment.supernode(site, state / site)
+
+    start()
+    deployment.start_run(job(cache_dir, dep, ["fr", "de"]))
+    deadline = time.time() + 400
+    while not (dep / "round_001").exists():
+        assert time.time() < deadline and deployment.procs["run"].poll() is None, (tmp_path / "run.log").read_text()
+        time.sleep(0.5)
+    for name in ("superlink", "supernode_fr", "supernode_de", "run"):
+        deployment.kill(name)
+    assert federated.completed_rounds(dep) == ["round_001"]
+    deployment.port = free_port()
+    start()
+    deployment.start_run(job(cache_dir, dep, ["fr", "de"]), resume=True)
+    code, output = deployment.wait_run()
+    assert code == 0 and "resumed after round_001" in output, output
+    a, b = tensors(sim / "round_002/global"), tensors(dep / "round_002/global")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for site in ("fr", "de"):
+        a, b = tensors(sim / f"round_002/clients/{site}/local"), tensors(state / site / "round_002/local")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert per_client(sim) == per_client(dep)
