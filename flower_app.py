@@ -261,6 +261,8 @@ def run(grid: Grid, context: Context) -> None:
         views = ["global"] if fc["mode"] == "global_only" else list(federated.VIEWS)
         federated.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         save_round(out_dir, rnd, server, adapter_cfg, cfg)
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            federated.plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
     print(f"done; checkpoints in {out_dir}")
 
 

@@ -243,3 +243,21 @@ def test_deployment_resumed_after_a_crash_equals_the_simulation(deployment, cach
         a, b = tensors(sim / f"round_002/clients/{site}/local"), tensors(state / site / "round_002/local")
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert per_client(sim) == per_client(dep)
+
+
+@pytest.mark.parametrize("run_config, message", [
+    ({"config": "nope.yaml"}, "nope.yaml: config file not found"),
+    ({"overrides": "train.lrr=1"}, "unknown key train.lrr; did you mean train.lr?"),
+    ({"overrides": "federated.round_timeout=0"}, "federated.round_timeout: must be > 0, got 0"),
+    ({"overrides": "'unclosed"}, "run config overrides: No closing quotation"),
+])  # fmt: skip
+def test_bad_run_config_gives_one_clear_line(run_config, message, capsys):
+    """Checked before the ServerApp touches the grid: one line, exit code 2, nothing written."""
+    import types
+
+    import flower_app
+
+    with pytest.raises(SystemExit) as exit_info:
+        flower_app.main(None, types.SimpleNamespace(run_config=run_config))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
