@@ -74,6 +74,41 @@ def make_certificates(d):
     return {name: str(d / name) for name in ("ca.crt", "server.crt", "server.key")}
 
 
+def stat(pid):
+    """(parent pid, start time) of a process from /proc/<pid>/stat, or None if it is gone (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pid):
+    """(pid, start time) of every process below `pid`; the start time tells a reused pid apart."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := stat(int(entry))) is not None:
+            children.setdefault(st[0], []).append((int(entry), st[1]))
+    found, todo = [], [pid]
+    while todo:
+        for child, start in children.get(todo.pop(), []):
+            found.append((child, start))
+            todo.append(child)
+    return found
+
+
+def signal_if_same(processes, sig):
+    """Send `sig` to each (pid, start time) that is still that very process."""
+    for pid, start in processes:
+        st = stat(pid)
+        if st is not None and st[1] == start:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 class Deployment:
     """A SuperLink and SuperNodes on free loopback ports, each in its own process group, stopped by it."""
 
@@ -103,12 +138,20 @@ class Deployment:
                                          f"client='{site}' data-file='{data}' state-dir='{state_dir}'"])  # fmt: skip
 
     def kill(self, name, sig=signal.SIGKILL):
+        """Stop a process, its process group and every process below it: Flower starts its ServerApp and
+        ClientApp processes in sessions of their own, so the group alone would leave them running."""
         proc = self.procs.pop(name)
+        below = descendants(proc.pid)  # before the kill: orphans are re-parented and lost from the tree
         try:
-            os.killpg(proc.pid, sig)  # the node and the app processes it started
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
-        proc.wait(timeout=30)
+        signal_if_same(below, sig)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            time.sleep(1)
+            signal_if_same(below, signal.SIGKILL)  # whatever ignored SIGTERM
 
     def start_run(self, overrides, resume=False):
         """Start `flwr run` of this repository's app against the SuperLink (its output in run.log)."""
