@@ -246,8 +246,8 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     assert code == 0, output
     rounds = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "status" in r}
     assert rounds[1]["failed"] == ["es"] and rounds[1]["succeeded"] == 2 and rounds[1]["status"] == "ok"
-    # waited for es (send_and_receive polls every 3 s, so up to one poll short of the timeout), then went on
-    assert timeout - 5 <= rounds[1]["seconds_train"] < timeout + 40
+    # within the timeout (plus polling): sooner when the SuperLink already reports es's node unavailable
+    assert rounds[1]["seconds_train"] < timeout + 40
     assert {r["client"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if r.get("round") == 2 and "client" in r} == {"fr", "de", "es"}  # fmt: skip
     assert rounds[2]["failed"] == [] and rounds[2]["succeeded"] == 3
