@@ -42,6 +42,7 @@ import train
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+RUN_FILES = ("metrics.jsonl", "config.yaml", "metrics.png", "round_*")  # what a run writes in its output_dir
 VIEWS = {"global": ["global"], "local": ["local"], "global+local": ["global", "local"]}
 
 
@@ -370,6 +371,31 @@ class Server:
         return ok
 
 
+def round_summary(
+    rnd: int,
+    tasks: list[tuple[str, dict[str, Any]]],
+    uploads: list[dict[str, torch.Tensor]],
+    losses: list[float],
+    failed: list[str],
+    ok: bool,
+    t0: float,
+    t_train: float,
+) -> dict[str, Any]:
+    """The round's record for metrics.jsonl (report_round adds each view's means)."""
+    return {
+        "round": rnd,
+        "clients": [c for c, _ in tasks],
+        "succeeded": len(uploads),
+        "failed": failed,
+        "status": "ok" if ok else "failed",
+        "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "lr": tasks[0][1]["lr"] if tasks else None,
+        "seconds": round(time.time() - t0, 2),
+        "seconds_train": round(t_train, 2),
+    }
+
+
 def report_round(
     logger: C.Logger,
     rnd: int,
@@ -509,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             out_dir,
             args.resume,
             cfg["train"]["overwrite"],
-            files=("metrics.jsonl", "config.yaml", "metrics.png", "round_*"),
+            files=RUN_FILES,
             latest=latest_round,
         )
         clients = load_clients(cfg)
@@ -591,18 +617,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ok = server.aggregate(rnd, sampled, uploads, weights, failed)
         t_train = time.time() - t0
         rows = {c: site.evaluate(server.global_state, conflicts) for c, site in sites.items()}
-        summary = {
-            "round": rnd,
-            "clients": sampled,
-            "succeeded": len(uploads),
-            "failed": failed,
-            "status": "ok" if ok else "failed",
-            "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
-            "train_loss": sum(losses) / len(losses) if losses else None,
-            "lr": tasks[0][1]["lr"] if tasks else None,
-            "seconds": round(time.time() - t0, 2),
-            "seconds_train": round(t_train, 2),
-        }
+        summary = round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train)
         report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         local_states = {c: site.local for c, site in sites.items() if site.local is not None}
         local_optimizers = {c: site.local_optimizer for c, site in sites.items() if site.local_optimizer is not None}

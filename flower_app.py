@@ -32,7 +32,6 @@ except ImportError:  # the simulation and every other entry point run without fl
 
 import config as C
 import data as D
-import fedavg
 import federated
 import lora
 import train
@@ -201,8 +200,9 @@ def run(grid: Grid, context: Context) -> None:
     fc = cfg["federated"]
     out_dir, timeout = fc["output_dir"], float(fc["round_timeout"])
     resume = bool(context.run_config.get("resume", False))
-    files = ("metrics.jsonl", "config.yaml", "metrics.png", "round_*")
-    previous = train.check_output_dir(out_dir, resume, cfg["train"]["overwrite"], files, federated.latest_round)
+    previous = train.check_output_dir(
+        out_dir, resume, cfg["train"]["overwrite"], federated.RUN_FILES, federated.latest_round
+    )
     seen: set[int] = set()
     nodes, initial, adapter_cfg = roster(grid, cfg, seen, timeout)
     train.clear_output_dir(out_dir, previous)
@@ -252,12 +252,7 @@ def run(grid: Grid, context: Context) -> None:
         rows = evaluate_sites(
             grid, {c: n for c, n in nodes.items() if c not in silent}, server.global_state, rnd, timeout
         )
-        summary = {
-            "round": rnd, "clients": sampled, "succeeded": len(uploads), "failed": failed,
-            "status": "ok" if ok else "failed", "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
-            "train_loss": sum(losses) / len(losses) if losses else None, "lr": tasks[0][1]["lr"] if tasks else None,
-            "seconds": round(time.time() - t0, 2), "seconds_train": round(t_train, 2),
-        }  # fmt: skip
+        summary = federated.round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train)
         views = ["global"] if fc["mode"] == "global_only" else list(federated.VIEWS)
         federated.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         save_round(out_dir, rnd, server, adapter_cfg, cfg)
