@@ -449,16 +449,37 @@ def test_peft_dora_file_keys(tmp_path):
     assert set(load_file(tmp_path / "adapter_model.safetensors")) == set(lora.adapter_state_dict(ours))
 
 
-def test_cpu_repacked_4bit_weight_is_restored():
-    """bitsandbytes repacks a CPU 4-bit weight on an eval forward (AVX512-BF16 only); wrapping undoes it."""
-    m = nf4(nn.Linear(128, 64))
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cpu_repacked_4bit_weight_is_restored(seed, double_quant):
+    """bitsandbytes repacks a CPU 4-bit weight on an eval forward (AVX512-BF16 only); wrapping undoes it, to
+    within the bf16 rounding of the block scales that keep_standard_layout documents."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+    torch.manual_seed(seed)
+    linear = nn.Linear(128, 64)
+    m = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=double_quant)
+    m.weight = bnb.nn.Params4bit(
+        linear.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=double_quant
+    )
+    m.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    m = m.to("cpu")
+    never_packed = lora.dense_weight(m).float().clone()
     x = torch.randn(3, 128)
     with torch.no_grad():
         m.eval()(x)
+    assert m.weight.quant_state.packing_format_for_cpu  # bitsandbytes did repack it
     wrapped = lora.LoRALinear(m)
+    assert not m.weight.quant_state.packing_format_for_cpu
+    restored = lora.dense_weight(m).float()
+    err = (restored - never_packed).abs().max().item()
+    assert 0 < err <= 3e-4, err  # not bit-exact (bf16 scales), but within the documented loss
+    assert err <= 0.0035 * never_packed.abs().max()
     wrapped.add_adapter("default", r=4, use_dora=True)
-    assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
     xg = x.clone().requires_grad_()
     wrapped.train()(xg).sum().backward()  # trains after an eval pass
     with torch.no_grad():
-        assert_close(wrapped.eval()(x), x @ lora.dense_weight(m).float().T + m.bias, 1e-5)
+        assert_close(wrapped.eval()(x), x @ restored.T + m.bias, 1e-5)
