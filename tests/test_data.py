@@ -5,6 +5,7 @@ import filecmp
 import json
 import os
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -181,6 +182,31 @@ def test_partition(records, method):
     assert all(parts)
     if method == "iid":
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def category_skew(parts, categories):
+    """Each client's total-variation distance between its category mix and the whole data's (uniform here)."""
+    out = []
+    for part in parts:
+        counts = Counter(r["category"] for r in part)
+        out.append(0.5 * sum(abs(counts[c] / len(part) - 1 / len(categories)) for c in categories))
+    return out
+
+
+def test_dirichlet_skew_follows_alpha():
+    """Small alpha: each client concentrated on few of the 10 categories; large alpha: close to an iid split."""
+    categories = [f"c{i}" for i in range(10)]
+    recs = [{"category": c, "instruction": str(i)} for c in categories for i in range(100)]
+    for seed in range(5):
+        iid = category_skew(data.partition(recs, 5, method="iid", seed=seed), categories)
+        skewed = data.partition(recs, 5, method="dirichlet", alpha=0.05, seed=seed)
+        near_iid = data.partition(recs, 5, method="dirichlet", alpha=1000, seed=seed)
+        assert sum(iid) / 5 < 0.1  # the measure reads an iid split as unskewed
+        assert sum(category_skew(skewed, categories)) / 5 > 0.4
+        top2 = [sum(n for _, n in Counter(r["category"] for r in p).most_common(2)) / len(p) for p in skewed]
+        assert sorted(top2)[2] > 0.6  # most clients hold mostly two categories (of 10)
+        assert max(category_skew(near_iid, categories)) < 0.05
+        assert all(180 <= len(p) <= 220 for p in near_iid)  # and near-equal sizes
 
 
 def test_partition_never_leaves_a_client_empty():

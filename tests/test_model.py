@@ -172,6 +172,18 @@ def test_load_4bit(quant_type, nf4, tiny, fp32, texts):
         w = layer.weight
         assert w.dtype == torch.uint8 and w.quant_state.quant_type == quant_type
         assert w.quant_state.nested  # double quantization of the absmax constants
+    # the codes themselves: each weight dequantizes to exactly what bitsandbytes' round trip of the checkpoint's
+    # weight through this quant type gives, and not to what the other 4-bit type gives
+    import bitsandbytes.functional as bnbF
+
+    names = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)][:4]
+    dense = dict(fp32[0].named_modules())
+    for name in names:
+        layer, w = model.get_submodule(name), dense[name].weight.detach().to(torch.bfloat16)
+        loaded = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        for qt in ("nf4", "fp4"):
+            trip = bnbF.dequantize_4bit(*bnbF.quantize_4bit(w, compress_statistics=True, quant_type=qt))
+            assert torch.equal(loaded, trip) == (qt == quant_type), (name, qt)
     # lm_head and embeddings stay in the compute dtype, not 4-bit and not fp32
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
     assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16
