@@ -45,6 +45,7 @@ def assert_close(a, b, rtol):
     """Equal up to rtol times the largest magnitude: fp32 sums taken in another order differ slightly."""
     err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
     assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+    return err
 
 
 def tiny(cache_dir, quantization="none", dtype=torch.float32, checkpointing=False):
@@ -100,6 +101,50 @@ def test_linear_cross_entropy_matches_autograd_in_float64(chunk):
     for a, b in zip(ours_grads, ref_grads, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale, softcap", [(1.0, None), (0.25, 30.0)])
+def test_linear_cross_entropy_in_bf16_against_float64(scale, softcap):
+    """bf16 inputs, as under bf16 autocast on any CPU or GPU: the loss and both gradients within bf16
+    rounding of the float64 reference on the same (bf16-representable) values."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 32, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(50, 32, generator=g) / 4).bfloat16().requires_grad_()
+    labels = torch.randint(0, 50, (40,), generator=g)
+    ours = train.LinearCrossEntropy.apply(hidden, weight, labels, 7, scale, softcap)
+    ours_grads = torch.autograd.grad(ours, [hidden, weight])
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    z = scale * F.linear(h64, w64)
+    ref = F.cross_entropy(z if softcap is None else softcap * torch.tanh(z / softcap), labels, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, [h64, w64])
+    assert ours.dtype == torch.float32
+    assert_close(ours, ref, 1e-3)  # measured 1e-5 to 2e-5
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        assert a.dtype == torch.bfloat16
+        assert_close(a, b, 1e-2)  # measured 2.6e-3 to 4.4e-3: bf16's 8-bit mantissa
+
+
+def test_loss_under_bf16_autocast_against_float64(cache_dir):
+    """The model's chunked loss and its adapter gradients under bf16 autocast (what a bf16 run computes,
+    whatever this CPU supports natively) against plain cross-entropy on a float64 copy of the model."""
+    model, tok = tiny(cache_dir)
+    lora.inject(model, ["q_proj", "down_proj"], r=4)
+    with torch.no_grad():
+        for p in lora.adapter_parameters(model, "default"):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    batch = demo_batch(tok)
+    params = list(lora.adapter_parameters(model, "default"))
+    with M.autocast(torch.device("cpu"), torch.bfloat16):
+        total, n = train.loss_sum(model, batch)
+    ours = torch.autograd.grad(total, params)
+    model.double()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+    ref_grads = torch.autograd.grad(ref, params)
+    assert total.dtype == torch.float32 and n == int((batch["labels"][:, 1:] != -100).sum())
+    assert_close(total, ref, 5e-3)  # measured 1.3e-3
+    errors = [assert_close(a, b, 5e-2) for a, b in zip(ours, ref_grads, strict=True)]  # measured 5e-3 to 1.8e-2
+    assert max(errors) > 1e-3  # it did run in bf16: fp32 would be within 1e-5
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
