@@ -6,10 +6,13 @@ import os
 import pytest
 import torch
 
+import config as C
+import data as D
 import fedavg
 import federated
 import lora
-from conftest import run_main
+import train
+from conftest import run_main, tiny_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
@@ -46,10 +49,36 @@ def assert_same_adapter(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def uneven_clients(tmp_path, sizes=(("fr", 192), ("de", 100), ("es", 60))):
+    """Demo client files cut to different sizes, so that sample-count weights differ from uniform ones."""
+    d = tmp_path / "clients"
+    d.mkdir()
+    for name, n in sizes:
+        records = json.loads(open(os.path.join(ROOT, "data/clients", f"{name}.json")).read())[:n]
+        (d / f"{name}.json").write_text(json.dumps(records))
+    return f"data.clients=[{', '.join(str(d / f'{name}.json') for name, _ in sizes)}]"
+
+
+def server_step(kind, lr, x, avg, saved):
+    """Reddi et al.'s server update (Algorithm 2, no bias correction) in float64, from last round's saved
+    buffers: the reference for fedavg.ServerOptimizer (momentum 0.9; betas 0.9, 0.99; eps 1e-3)."""
+    assert (saved["momentum"], saved["beta1"], saved["beta2"], saved["eps"]) == (0.9, 0.9, 0.99, 1e-3)
+    new = {}
+    for k in x:
+        delta, m = x[k] - avg[k], saved["m"][k].double()
+        if kind == "fedavgm":
+            new[k] = x[k] - lr * (0.9 * m + delta)
+        else:
+            m, v = 0.9 * m + 0.1 * delta, 0.99 * saved["v"][k].double() + 0.01 * delta**2
+            new[k] = x[k] - lr * m / (v.sqrt() + 1e-3)
+    return new
+
+
 def test_demo_run_metrics_and_checkpoints(cache_dir, tmp_path, capsys):
     out = tmp_path / "fed"
-    code, stdout, err = run_main(federated.main, small_run(cache_dir, out), capsys)
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "train.keep_checkpoints=1"), capsys)
     assert code == 0, err
+    assert federated.completed_rounds(out) == ["round_002"]  # round_001 pruned
     records = events(out)
     per_client = [r for r in records if "client" in r]
     assert {(r["round"], r["client"], r["adapters"]) for r in per_client} == {
@@ -60,7 +89,12 @@ def test_demo_run_metrics_and_checkpoints(cache_dir, tmp_path, capsys):
         assert 0 <= r["exact_match"] <= 1 and r["n"] == 19 and r["n_conflict"] > 0
     rounds = [r for r in records if "uploaded_bytes" in r]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["status"] == "ok" for r in rounds)
-    one_upload = fedavg.state_bytes(adapter_tensors(out / "round_002/global"))
+    # one upload: r (in + out) fp32 numbers per adapted layer: q, k, v, o, gate, up, down in each block
+    c = json.loads(open(os.path.join(tiny_dir(cache_dir), "config.json")).read())
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, c["intermediate_size"]), (h, c["intermediate_size"]),
+              (c["intermediate_size"], h)]  # fmt: skip
+    one_upload = c["num_hidden_layers"] * sum(16 * (i + o) * 4 for i, o in shapes)  # lora.r = 16
     assert rounds[0]["uploaded_bytes"] == 3 * one_upload and rounds[0]["clients"] == ["fr", "de", "es"]
     assert rounds[0]["train_loss"] > 0 and "conflict_exact_match_global+local" in rounds[0]
     assert "global+local EM/loss" in stdout and "conflicting prompts, exact match" in stdout
@@ -70,9 +104,70 @@ def test_demo_run_metrics_and_checkpoints(cache_dir, tmp_path, capsys):
     assert cfg["peft_type"] == "LORA"  # PEFT format, like every adapter we write
 
 
-def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("mode, server", [("alternating", "fedavgm"), ("joint", "fedadam")])
+def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path, capsys):
+    """Round 2 replayed outside federated.main from what round 1 saved: each sampled client trained on its
+    own (same seeds, its local adapter and optimizer state from round_001), the uploads averaged by sample
+    count in float64 and passed through the server optimizer by hand. The run's round_002 must equal it;
+    the client left out of round 2 (fraction 0.67 of 3) keeps its local adapter and optimizer untouched."""
+    out = tmp_path / "fed"
+    argv = small_run(cache_dir, out, uneven_clients(tmp_path), "federated.fraction=0.67", f"federated.mode={mode}",
+                     f"federated.server_optimizer={server}", "federated.server_lr=0.5")  # fmt: skip
+    code, _, err = run_main(federated.main, argv, capsys)
+    assert code == 0, err
+    cfg = C.load_config(argv[0], argv[1:])
+    seed, dc = cfg["train"]["seed"], cfg["data"]
+    summaries = {r["round"]: r for r in events(out) if "uploaded_bytes" in r}
+    sampled = summaries[2]["clients"]
+    assert len(sampled) == 2 and sampled == fedavg.sample_clients(["fr", "de", "es"], 2, seed, fraction=0.67)
+
+    train.seed_everything(seed)
+    model, tok, _, device, dtype = C.load_base(cfg)
+    train.add_adapters(model, cfg["lora"], ["global", "local"])
+    clients = federated.load_clients(cfg)
+    r1, r2 = out / "round_001", out / "round_002"
+    x1 = adapter_tensors(r1 / "global")
+    lr = train.lr_at(1, 2, 0, cfg["train"]["lr"], cfg["train"]["min_lr_ratio"])  # round 2 of 2, no warmup
+    uploads, counts = [], []
+    for i, c in enumerate(sampled):
+        examples = D.tokenize_records(tok, clients[c][0], dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"])
+        lora.load_adapter_state_dict(model, x1, "global")
+        lora.load_adapter_state_dict(model, adapter_tensors(r1 / "clients" / c / "local"), "local")
+        opt = r1 / "clients" / c / "local_optimizer.pt"
+        local_opt = torch.load(opt, weights_only=False) if opt.exists() else None
+        torch.manual_seed(seed * 1_000_003 + 2 * 1009 + i)  # the task's seeds (Server.tasks)
+        federated.client_update(model, mode, examples, lr, cfg, seed * 1009 + 2 * 31 + i, device, dtype,
+                                tok.pad_token_id, local_opt)  # fmt: skip
+        uploads.append({k: v.double() for k, v in lora.adapter_state_dict(model, "global").items()})
+        counts.append(len(examples))
+        local = adapter_tensors(r2 / "clients" / c / "local")  # the client's own adapter moved on, as replayed
+        assert all(torch.equal(local[k], v) for k, v in lora.adapter_state_dict(model, "local").items()), c
+    assert len(set(counts)) == 2  # uneven: a uniform average would differ
+    avg = {k: sum(n * u[k] for n, u in zip(counts, uploads, strict=True)) / sum(counts) for k in x1}
+    saved = torch.load(r1 / "server.pt", weights_only=False)["server_optimizer"]
+    expected = server_step(server, 0.5, {k: v.double() for k, v in x1.items()}, avg, saved)
+    x2 = adapter_tensors(r2 / "global")
+    assert x2.keys() == expected.keys()
+    for k in x2:
+        torch.testing.assert_close(x2[k].double(), expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    (left_out,) = {"fr", "de", "es"} - set(sampled)
+    assert_same_adapter(r1 / "clients" / left_out / "local", r2 / "clients" / left_out / "local")
+    opts = [r / "clients" / left_out / "local_optimizer.pt" for r in (r1, r2)]
+    assert opts[0].exists() == opts[1].exists() == (mode == "alternating" and left_out in summaries[1]["clients"])
+    if opts[0].exists():
+        a, b = (torch.load(p, weights_only=False)["state"] for p in opts)
+        assert all(torch.equal(a[i][m], b[i][m]) for i in a for m in ("exp_avg", "exp_avg_sq")), left_out
+
+
+@pytest.mark.parametrize("server", ["fedavgm", "fedadam"])
+def test_resume_equals_an_uninterrupted_run(server, cache_dir, tmp_path, capsys, monkeypatch):
+    """Killed in round 2 and resumed: the same adapters and metrics as without the cut. The server
+    optimizer's buffers (momentum, Adam's moments) come back from round_001 too."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert run_main(federated.main, small_run(cache_dir, full), capsys)[0] == 0
+    run = lambda out: small_run(cache_dir, out, f"federated.server_optimizer={server}", "federated.server_lr=0.5")  # noqa: E731
+    assert run_main(federated.main, run(full), capsys)[0] == 0
+    buffers = torch.load(full / "round_001/server.pt", weights_only=False)["server_optimizer"]["m"]
+    assert buffers and all(v.any() for v in buffers.values())  # round 2 depends on them
     real = federated.client_update
     calls = []
 
@@ -84,10 +179,10 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(federated, "client_update", die_in_round_two)
     with pytest.raises(KeyboardInterrupt):
-        federated.main(small_run(cache_dir, cut))
+        federated.main(run(cut))
     monkeypatch.setattr(federated, "client_update", real)
     assert federated.completed_rounds(cut) == ["round_001"]
-    code, stdout, err = run_main(federated.main, small_run(cache_dir, cut) + ["--resume"], capsys)
+    code, stdout, err = run_main(federated.main, run(cut) + ["--resume"], capsys)
     assert code == 0, err
     assert "resumed after round_001" in stdout
     assert_same_adapter(full / "round_002/global", cut / "round_002/global")
@@ -97,13 +192,17 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
     assert strip(events(full)) == strip(events(cut))
 
 
-def test_a_failing_client_is_left_out(cache_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("min_clients", [2, 3])
+def test_a_failing_client_is_left_out(min_clients, cache_dir, tmp_path, capsys, monkeypatch):
+    """de fails in round 1 of 2: with min_clients=2 the round averages fr and es; with min_clients=3 two
+    uploads are too few, so round 1 leaves the global adapter as it was (round 2 then goes on from it)."""
     out = tmp_path / "fed"
     real = federated.client_update
     state = {}
 
     def fail_on_de(model, mode, examples, *a, **k):
-        if examples is state["de"]:
+        if examples is state["de"] and not state.get("failed"):  # de's first turn: round 1
+            state["failed"] = True
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(model, mode, examples, *a, **k)
 
@@ -117,12 +216,19 @@ def test_a_failing_client_is_left_out(cache_dir, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(federated.D, "tokenize_records", remember)
     monkeypatch.setattr(federated, "client_update", fail_on_de)
-    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "federated.rounds=1"), capsys)
+    argv = small_run(cache_dir, out, f"federated.min_clients={min_clients}")
+    code, stdout, err = run_main(federated.main, argv, capsys)
     assert code == 0, err
     assert "client de failed in round 1: RuntimeError: CUDA out of memory (simulated); left out" in stdout
-    summary = [r for r in events(out) if "uploaded_bytes" in r][0]
-    assert summary["failed"] == ["de"] and summary["succeeded"] == 2 and summary["status"] == "ok"
-    # de trained nothing: its local adapter is still the initial one, which it shares with nobody else
+    rounds = {r["round"]: r for r in events(out) if "uploaded_bytes" in r}
+    assert rounds[1]["failed"] == ["de"] and rounds[1]["succeeded"] == 2
+    assert rounds[1]["status"] == ("ok" if min_clients == 2 else "failed")
+    assert rounds[2]["failed"] == [] and rounds[2]["status"] == "ok"
+    glob = adapter_tensors(out / "round_001/global")
+    initial_b = all(not v.any() for k, v in glob.items() if "lora_B" in k)  # B = 0: the fresh adapter
+    assert initial_b == (min_clients == 3)
+    assert ("FAILED: 2 < federated.min_clients; global adapter unchanged" in stdout) == (min_clients == 3)
+    # de trained nothing in round 1: its local adapter is still the initial one; fr's moved on
     de = adapter_tensors(out / "round_001/clients/de/local")
     fr = adapter_tensors(out / "round_001/clients/fr/local")
     assert all(not v.any() for k, v in de.items() if "lora_B" in k)
@@ -178,6 +284,13 @@ def test_dirichlet_clients_from_one_file(cache_dir, tmp_path, capsys):
     )
     assert code == 0, err
     assert "3 clients (client_0, client_1, client_2)" in stdout
+
+
+def test_resume_with_nothing_to_resume_gives_one_clear_line(cache_dir, tmp_path, capsys):
+    out = tmp_path / "fed"
+    code, _, err = run_main(federated.main, [*small_run(cache_dir, out), "--resume"], capsys)
+    assert code == 2 and err.strip() == f"error: --resume: {out} holds no complete checkpoint to resume from", err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
