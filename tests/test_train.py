@@ -1,6 +1,8 @@
 """train.py: the config parser, the chunked loss, checkpointing, resume and every bad input."""
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -299,6 +301,106 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
         a = lora.read_adapter(str(full / sub))[1]
         b = lora.read_adapter(str(cut / sub))[1]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_fp16_run_skips_an_overflowing_step_lowers_the_scale_and_clips(cache_dir, tmp_path, capsys, monkeypatch):
+    """fp16 autocast with loss scaling, on the CPU: a scale too large for fp16 overflows the gradients, so
+    GradScaler skips that step (weights unchanged) and halves the scale; the steps that run see gradients
+    unscaled and then clipped to train.max_grad_norm."""
+    log = []
+
+    class Scaler(torch.amp.GradScaler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, init_scale=2.0**24, **k)  # fp16 tops out at 65504: the first steps overflow
+
+        def step(self, optimizer):
+            params = optimizer.param_groups[0]["params"]
+            before, scale = [p.detach().clone() for p in params], self.get_scale()
+            super().step(optimizer)  # AdamW's state holds the steps it took
+            took = int(optimizer.state[params[0]]["step"]) if params[0] in optimizer.state else 0
+            changed = any(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
+            log.append({"scale": scale, "changed": changed, "steps": took})
+
+    real_clip, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm, **k):
+        params = list(params)
+        total = real_clip(params, max_norm, **k)  # the norm before clipping
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        norms.append((total.item(), after.item()))
+        return total
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Scaler)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    out = tmp_path / "run"
+    argv = small_run(cache_dir, out, "model.compute_dtype=float16", "train.max_grad_norm=0.05", "train.eval_every=0",
+                     "train.eval_max_new_tokens=0", "train.max_steps=16")  # fmt: skip
+    code, stdout, err = run_main(train.main, argv, capsys)
+    assert code == 0, err
+    assert "on cpu in float16" in stdout
+    skipped = [not e["changed"] for e in log]
+    assert [e["steps"] for e in log] == list(itertools.accumulate(int(not k) for k in skipped))  # AdamW agrees
+    assert len(log) == 16 and skipped[0] and not any(skipped[-3:])  # overflowed first, then trained
+    for i in range(15):  # halved after each overflow, kept otherwise (growth only after 2000 good steps)
+        assert log[i + 1]["scale"] == log[i]["scale"] / (2 if skipped[i] else 1)
+    saved = torch.load(out / "checkpoints/step_000016/state.pt", weights_only=False)["scaler"]
+    assert saved["scale"] == log[-1]["scale"] and log[-1]["scale"] < 2.0**24
+    finite = [(b, a) for b, a in norms if math.isfinite(b)]
+    assert len(finite) == len(log) - sum(skipped)
+    assert all(b > 0.05 for b, _ in finite)  # clipping had work to do
+    assert all(a == pytest.approx(0.05, rel=1e-4) for _, a in finite)  # unscaled first, then clipped to the norm
+    losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    assert len(losses) == 16 and all(math.isfinite(x) for x in losses)
+
+
+def test_keep_checkpoints_and_extending_a_finished_run(cache_dir, tmp_path, capsys):
+    """keep_checkpoints prunes older step_* directories; --resume with a larger max_steps continues a
+    finished run and replaces its adapter directory in place (write_atomically's replace branch)."""
+    out = tmp_path / "run"
+    argv = small_run(cache_dir, out, "train.save_every=1", "train.keep_checkpoints=2", "train.eval_every=0",
+                     "train.eval_max_new_tokens=0")  # fmt: skip
+    assert run_main(train.main, [*argv, "train.max_steps=4"], capsys)[0] == 0
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000003", "step_000004"]
+    first = lora.read_adapter(str(out / "adapter"))[1]
+    at_4 = lora.read_adapter(str(out / "checkpoints/step_000004/adapter"))[1]
+    assert all(torch.equal(first[k], at_4[k]) for k in first)
+    code, stdout, err = run_main(train.main, [*argv, "train.max_steps=6", "--resume"], capsys)
+    assert code == 0, err
+    assert "resumed from" in stdout and "step_000004" in stdout
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000005", "step_000006"]
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "config.yaml", "metrics.jsonl"]  # no .tmp/.old
+    second = lora.read_adapter(str(out / "adapter"))[1]
+    at_6 = lora.read_adapter(str(out / "checkpoints/step_000006/adapter"))[1]
+    assert all(torch.equal(second[k], at_6[k]) for k in second)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_write_atomically_keeps_the_old_directory_until_the_new_one_is_complete(tmp_path):
+    final = tmp_path / "adapter"
+
+    def put(name, text):
+        return lambda d: open(os.path.join(d, name), "w").write(text)
+
+    train.write_atomically(str(final), put("a", "old"))
+
+    def fail(d):
+        put("a", "half")(d)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        train.write_atomically(str(final), fail)
+    assert (final / "a").read_text() == "old" and train.completed(str(tmp_path), "adapter") == ["adapter"]
+    train.write_atomically(str(final), put("b", "new"))
+    assert os.listdir(final) == ["b"] and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_resume_with_nothing_to_resume_gives_one_clear_line(cache_dir, tmp_path, capsys):
+    for out in (tmp_path / "missing", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        code, _, err = run_main(train.main, [*small_run(cache_dir, out), "--resume"], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and lines == [f"error: --resume: {out} holds no complete checkpoint to resume from"], err
+    assert os.listdir(tmp_path / "empty") == [] and not (tmp_path / "missing").exists()
 
 
 def test_second_run_into_the_same_directory_refuses(cache_dir, tmp_path, capsys):
