@@ -12,6 +12,17 @@ import lora  # noqa: E402
 import model as M  # noqa: E402
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several pytest-xdist workers on this machine's cores:
+    os.environ["OMP_NUM_THREADS"] = "1"  # one thread each (and in the processes it starts), or their
+    torch.set_num_threads(1)  # spinning OpenMP threads fight over the cores and everything runs slower
+
+
+def pytest_collection_modifyitems(items):
+    """The Flower deployments first: they spend minutes mostly waiting on the network, so with
+    `pytest -n 3` (pytest-xdist) each gets a worker at once while the others run the rest beside them."""
+    items.sort(key=lambda item: "deployment" not in item.fixturenames)  # a stable sort: order kept otherwise
+
+
 def run_main(main, argv, capsys):
     """An entry point's main(argv) in-process; returns (exit code, stdout, stderr)."""
     try:
@@ -77,6 +88,7 @@ def adapters(cache_dir, tmp_path_factory):
 def make_adapter(base_path, out_dir, seed=1, use_dora=False, targets=TARGETS):
     """A random (as if trained) adapter on the base, saved in PEFT's format: quicker than training one."""
     model, _ = M.load_model(base_path, "none", torch.float32, "cpu", "auto", gradient_checkpointing=False)
+    torch.manual_seed(seed)  # A's init: the same adapter in every session, whatever ran before
     lora.inject(model, targets, r=4, alpha=8, use_dora=use_dora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

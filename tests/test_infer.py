@@ -189,6 +189,57 @@ def test_batch_predictions_equal_peft_one_by_one(cache_dir, adapters, tmp_path, 
         assert row["prediction"] == tok.decode(greedy(theirs, ids, 6), skip_special_tokens=True).strip()
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_default_nf4_bf16_inference_against_peft_on_the_same_base(kind, cache_dir, adapters, tmp_path, capsys):
+    """The default inference path (NF4 base, bf16; set explicitly so that it runs as bf16 on any CPU)
+    against PEFT's adapter on the very same NF4 base under the same autocast, on infer.py's batch.
+
+    LoRA: the same logits and so the same greedy answers. DoRA: PEFT orders the bf16 operations of the
+    weight norm differently, so logits differ by ~1% (measured 0.06-0.08 on logits up to 6.7); along
+    PEFT's greedy path ours must stay within 3% and pick PEFT's token wherever that is no near-tie."""
+    peft = pytest.importorskip("peft")
+    tiny = tiny_dir(cache_dir)
+    records = D.load_records(os.path.join(ROOT, "data/clients/fr.json"))[:6]
+    argv = [CONFIG, f"model.cache_dir={cache_dir}", "model.quantization=nf4", "model.compute_dtype=bfloat16",
+            "model.device=cpu", "--adapter", adapters[kind], "--input", write_records(tmp_path / "in.jsonl", records),
+            "--output", str(tmp_path / "preds.jsonl"), "--max-new-tokens", "8"]  # fmt: skip
+    code, _, err = run_main(infer.main, argv, capsys)
+    assert code == 0, err
+    ours = [json.loads(line)["prediction"] for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    base, tok = M.load_model(tiny, "nf4", torch.bfloat16, "cpu", "auto", gradient_checkpointing=False)  # as infer.py
+    theirs = peft.PeftModel.from_pretrained(base, adapters[kind]).eval()
+    # the same batch as infer.py's: prompts sorted by length, left-padded so that they end together
+    # (in bf16 a row's numbers depend on its padding, so one-by-one answers may differ after a few tokens)
+    prompts = [(D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"])), i) for i, r in enumerate(records)]
+    prompts.sort(key=lambda p: len(p[0]))
+    width = max(len(p) for p, _ in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p, _ in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in prompts])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    answers = [None] * len(records)
+    for (_, i), row in zip(prompts, out[:, width:].tolist(), strict=True):
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        answers[i] = tok.decode(row, skip_special_tokens=True).strip()
+    assert len(set(answers)) > 1  # not one degenerate answer for everything
+    if kind == "lora":
+        assert ours == answers
+        return
+    mine, _ = M.load_model(tiny, "nf4", torch.bfloat16, "cpu", "auto", gradient_checkpointing=False)
+    infer.load_adapters(mine, [adapters[kind]])
+    full_mask = torch.cat([mask, torch.ones_like(out[:, width:])], dim=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = theirs(input_ids=out, attention_mask=full_mask).logits.float()[:, width - 1 : -1]  # (B, new, V)
+        got = mine.eval()(input_ids=out, attention_mask=full_mask).logits.float()[:, width - 1 : -1]
+    diff = (got - ref).abs().max()
+    assert diff <= 0.03 * ref.abs().max(), (diff, ref.abs().max())
+    top2 = ref.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > 2 * diff  # not a near-tie at this resolution
+    assert decided.float().mean() > 0.5
+    assert torch.equal(got.argmax(-1)[decided], ref.argmax(-1)[decided])
+
+
 def test_baseline_batch_mode_writes_predictions_and_metrics(cache_dir, tmp_path, capsys):
     records = [
         {"instruction": "What is the opposite of hot?", "output": "cold"},
