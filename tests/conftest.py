@@ -11,7 +11,6 @@ import config  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several pytest-xdist workers on this machine's cores:
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread each (and in the processes it starts), or their
     torch.set_num_threads(1)  # spinning OpenMP threads fight over the cores and everything runs slower

@@ -201,40 +201,16 @@ def per_client(out_dir):
                 for r in map(json.loads, f) if "client" in r}  # fmt: skip
 
 
-def test_deployment_over_tls_equals_the_serial_simulation(deployment, cache_dir, tmp_path, capsys):
-    sim, dep = tmp_path / "sim", tmp_path / "dep"
-    t = time.time()
-    code, _, err = run_main(federated.main, [CONFIG, *job(cache_dir, sim, ["fr", "de"])], capsys)
-    t_sim = time.time() - t
-    assert code == 0, err
-    deployment.superlink()
-    for site in ("fr", "de"):
-        deployment.supernode(site, tmp_path / "state" / site)
-    t = time.time()
-    code, out = deployment.run(job(cache_dir, dep, ["fr", "de"]))
-    t_dep = time.time() - t
-    assert code == 0, out
-    print(f"simulation {t_sim:.1f}s, deployment {t_dep:.1f}s")
-    a, b = tensors(sim / "round_002/global"), tensors(dep / "round_002/global")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
-    assert per_client(sim) == per_client(dep)  # eval loss and exact match, every round, site and view
-    for site in ("fr", "de"):  # the local adapters, kept at the sites, equal the simulation's
-        a = tensors(sim / f"round_002/clients/{site}/local")
-        b = tensors(tmp_path / "state" / site / "round_002/local")
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not (dep / "round_002/clients").exists()  # the coordinator never holds a local adapter
-
-
 def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, tmp_path):
-    """Three sites; es dies (SIGKILL) as round 1 starts and is restarted at once. Round 1 waits
-    federated.round_timeout, averages fr and de, and reports es failed; in round 2 the restarted es (a new
+    """Two sites; es dies (SIGKILL) as round 1 starts and is restarted at once. Round 1 waits at most
+    federated.round_timeout, keeps fr's upload alone, and reports es failed; in round 2 the restarted es (a new
     node id) is found again and trains from its state-dir, which holds nothing of round 1."""
     out, state = tmp_path / "dep", tmp_path / "state"
     deployment.superlink()
-    for site in ("fr", "de", "es"):
+    for site in ("fr", "es"):
         deployment.supernode(site, state / site)
     timeout = 60
-    deployment.start_run([*job(cache_dir, out, ["fr", "de", "es"]), f"federated.round_timeout={timeout}"])
+    deployment.start_run([*job(cache_dir, out, ["fr", "es"]), f"federated.round_timeout={timeout}"])
     deadline = time.time() + 300
     while not (out / "config.yaml").exists():  # written once every site answered: round 1 starts now
         assert time.time() < deadline and "run" in deployment.procs, (tmp_path / "run.log").read_text()
@@ -245,19 +221,21 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     code, output = deployment.wait_run()
     assert code == 0, output
     rounds = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "status" in r}
-    assert rounds[1]["failed"] == ["es"] and rounds[1]["succeeded"] == 2 and rounds[1]["status"] == "ok"
+    assert rounds[1]["failed"] == ["es"] and rounds[1]["succeeded"] == 1 and rounds[1]["status"] == "ok"
     # within the timeout (plus polling): sooner when the SuperLink already reports es's node unavailable
     assert rounds[1]["seconds_train"] < timeout + 40
     assert {r["client"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r.get("round") == 2 and "client" in r} == {"fr", "de", "es"}  # fmt: skip
-    assert rounds[2]["failed"] == [] and rounds[2]["succeeded"] == 3
+            if r.get("round") == 2 and "client" in r} == {"fr", "es"}  # fmt: skip
+    assert rounds[2]["failed"] == [] and rounds[2]["succeeded"] == 2
     assert not (state / "es/round_001").exists() and (state / "es/round_002/local").is_dir()
     assert "site es reconnected" in output
 
 
-def test_deployment_resumed_after_a_crash_equals_the_simulation(deployment, cache_dir, tmp_path, capsys):
-    """The whole federation dies (SuperLink, ServerApp, SuperNodes: SIGKILL) during round 2; restarted, with
-    `resume=true` it continues after round 1 and ends where the uninterrupted simulation ends."""
+def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(deployment, cache_dir, tmp_path, capsys):
+    """Two sites over TLS. Round 1 runs as deployed; then the whole federation dies (SuperLink, ServerApp,
+    SuperNodes: SIGKILL) during round 2. Restarted, with `resume=true` it continues after round 1. Every
+    round's global adapter, the sites' local adapters and every evaluation equal the serial simulation's
+    (bit for bit), and the coordinator never holds a local adapter."""
     sim, dep, state = tmp_path / "sim", tmp_path / "dep", tmp_path / "state"
     assert run_main(federated.main, [CONFIG, *job(cache_dir, sim, ["fr", "de"])], capsys)[0] == 0
 
@@ -280,12 +258,14 @@ def test_deployment_resumed_after_a_crash_equals_the_simulation(deployment, cach
     deployment.start_run(job(cache_dir, dep, ["fr", "de"]), resume=True)
     code, output = deployment.wait_run()
     assert code == 0 and "resumed after round_001" in output, output
-    a, b = tensors(sim / "round_002/global"), tensors(dep / "round_002/global")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for site in ("fr", "de"):
-        a, b = tensors(sim / f"round_002/clients/{site}/local"), tensors(state / site / "round_002/local")
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert per_client(sim) == per_client(dep)
+    for rnd in ("round_001", "round_002"):
+        a, b = tensors(sim / rnd / "global"), tensors(dep / rnd / "global")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rnd  # bit-identical
+        for site in ("fr", "de"):  # the local adapters, kept at the sites, equal the simulation's
+            a, b = tensors(sim / rnd / "clients" / site / "local"), tensors(state / site / rnd / "local")
+            assert all(torch.equal(a[k], b[k]) for k in a), (rnd, site)
+    assert per_client(sim) == per_client(dep)  # eval loss and exact match, every round, site and view
+    assert not (dep / "round_002/clients").exists()  # the coordinator never holds a local adapter
 
 
 @pytest.mark.parametrize("run_config, message", [
