@@ -38,7 +38,8 @@ change what is sent, e.g. FedSA-LoRA (Guo et al. 2025) aggregates only A and kee
 DoRA's magnitude is averaged like any parameter, and is approximate for the same reason (the row norm is
 not linear).
 
-This file needs only torch and the standard library; copy it anywhere.
+This file needs only torch and the standard library (and dp-accounting for dp_epsilon, imported there);
+copy it anywhere.
 """
 
 import builtins
@@ -263,3 +264,108 @@ class ServerOptimizer:
         self.beta1, self.beta2, self.steps = state["beta1"], state["beta2"], state["steps"]
         self.m = {k: t.clone() for k, t in state["m"].items()}
         self.v = {k: t.clone() for k, t in state["v"].items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Client-level differential privacy: DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private
+# Recurrent Language Models", Algorithm 1, flat clipping and the fixed-denominator estimator)
+#
+#     client k:  delta_k = x_k - x_t, clipped to ||delta_k|| <= S (one L2 norm over every tensor)
+#     server:    x_avg = x_t + (1 / m) sum_k delta_k + N(0, (z S / m)^2 I)
+#
+# m is the *expected* number of clients per round (q times the number of clients under Poisson sampling),
+# not the number that answered, and every client weighs the same: one client then moves the sum by at most
+# S, whatever it sent, so the Gaussian noise z S / m hides it. Sample-count weights would let a client with
+# more data move the average further than S / m and break that bound. The privacy spent over the rounds
+# (epsilon at a delta) comes from an accountant for the Poisson-sampled Gaussian mechanism (dp_epsilon).
+
+
+def _norm(delta: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of all tensors of a state dict together, as if flattened into one vector."""
+    return math.sqrt(math.fsum(d.double().square().sum().item() for d in delta.values()))
+
+
+def clip_update(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], max_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """(reference + delta * min(1, S / ||delta||), ||delta||) with delta = state - reference, its norm taken
+    over all tensors together. A state already within the bound comes back unchanged (the same values).
+
+    Raises:
+        ValueError: max_norm not > 0, or states whose keys, shapes or dtypes differ.
+    """
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"the clipping norm must be a finite number > 0, got {max_norm!r}")
+    _check_like(reference, state, "the reference", "the state")
+    delta = {k: state[k].double() - reference[k].to(state[k].device).double() for k in reference}
+    norm = _norm(delta)
+    if norm <= max_norm:
+        return {k: t.clone() for k, t in state.items()}, norm
+    factor = max_norm / norm
+    return {k: (reference[k].double() + d * factor).to(state[k].dtype) for k, d in delta.items()}, norm
+
+
+def dp_mean(
+    reference: dict[str, torch.Tensor],
+    uploads: list[dict[str, torch.Tensor]],
+    max_norm: float,
+    noise_multiplier: float,
+    expected_clients: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """x_t + (1 / m) sum_k (x_k - x_t) + N(0, (z S / m)^2) per coordinate: DP-FedAvg's noisy average of
+    uploads that the clients clipped (clip_update) around the reference x_t they received. No uploads is a
+    legal round: the result is then x_t plus noise. `generator` (a CPU torch.Generator) draws the noise, so
+    a seeded run, and its resume, draws the same. The result goes on through ServerOptimizer.step.
+
+    Raises:
+        ValueError: an upload farther than S (with float slack) from the reference: not clipped, so the
+            noise would not cover it; or a bad S, z or m.
+    """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"the noise multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if not (math.isfinite(expected_clients) and expected_clients > 0):
+        raise ValueError(f"the expected number of clients must be > 0, got {expected_clients!r}")
+    total = {k: torch.zeros(t.shape, dtype=torch.float64) for k, t in reference.items()}
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"the clipping norm must be a finite number > 0, got {max_norm!r}")
+    for i, upload in enumerate(uploads):
+        _check_like(reference, upload, "the reference", f"upload {i}")
+        delta = {k: upload[k].double().cpu() - reference[k].double().cpu() for k in reference}
+        norm = _norm(delta)
+        if norm > max_norm * (1 + 1e-5):
+            raise ValueError(f"upload {i} is {norm:.4g} from the global state, more than the clipping norm {max_norm}")
+        for k in total:
+            total[k] += delta[k]
+    std = noise_multiplier * max_norm / expected_clients
+    out = {}
+    for k, t in reference.items():  # in the reference's key order: the same draws for the same state
+        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64) * std
+        out[k] = (t.double().cpu() + total[k] / expected_clients + noise).to(t.device, t.dtype)
+    return out
+
+
+def poisson_sample(clients: list[str], round: int, seed: int, rate: float) -> list[str]:
+    """Each client independently with probability `rate` (0 < rate <= 1), as the privacy accountant assumes;
+    the round may sample none. Depends only on (seed, round), like sample_clients."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"the sampling rate must be in (0, 1], got {rate!r}")
+    rng = random.Random(f"poisson_sample:{seed}:{round}")
+    return [c for c in clients if rng.random() < rate]
+
+
+def dp_epsilon(sample_rate: float, noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon at `delta` after `rounds` Poisson-sampled Gaussian mechanisms (client sampling rate q, noise
+    multiplier z): the RDP accountant of Google's dp-accounting (the one Flower's DP strategies wrap).
+
+    Raises:
+        ImportError: dp-accounting is not installed (pip install dp-accounting).
+    """
+    try:
+        import dp_accounting
+    except ImportError:
+        raise ImportError("client-level DP accounting needs dp-accounting: pip install dp-accounting") from None
+    accountant = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return accountant.get_epsilon(delta)
