@@ -89,10 +89,20 @@ DEFAULTS: Config = {
         server_optimizer="fedavg",
         server_lr=1.0,
         max_new_tokens=8,
+        sampling="auto",
+        dp_clip=0.0,
+        dp_noise=0.0,
+        dp_delta=1e-5,
+        dp_max_epsilon=None,
     ),
 }
 WORDS = {"train.batch_size": "auto", "lora.target_modules": "all-linear"}  # keys that also take one word
-NULLABLE = {"data.eval_file": str, "data.system_prompt": str, "data.clients": list}  # keys whose default is None
+NULLABLE = {  # keys whose default is None
+    "data.eval_file": str,
+    "data.system_prompt": str,
+    "data.clients": list,
+    "federated.dp_max_epsilon": float,
+}
 CHOICES = {
     "model.quantization": M.QUANTIZATIONS,
     "model.compute_dtype": ("auto", *M.DTYPES),
@@ -100,6 +110,7 @@ CHOICES = {
     "data.partition": ("iid", "dirichlet"),
     "federated.mode": ("alternating", "joint", "global_only"),
     "federated.server_optimizer": ("fedavg", "fedavgm", "fedadam"),
+    "federated.sampling": ("auto", "fixed", "poisson"),
 }
 RULES = {  # key: (test, what it must be)
     "lora.r": (lambda v: v >= 1, ">= 1"),
@@ -133,6 +144,10 @@ RULES = {  # key: (test, what it must be)
     "federated.round_timeout": (lambda v: v > 0, "> 0"),
     "federated.server_lr": (lambda v: v > 0, "> 0"),
     "federated.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "federated.dp_clip": (lambda v: v >= 0, ">= 0"),
+    "federated.dp_noise": (lambda v: v >= 0, ">= 0"),
+    "federated.dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "federated.dp_max_epsilon": (lambda v: v is None or v > 0, "> 0 or null"),
 }
 
 

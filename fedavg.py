@@ -43,6 +43,7 @@ copy it anywhere.
 """
 
 import builtins
+import logging
 import math
 import random
 
@@ -339,10 +340,11 @@ def dp_mean(
             total[k] += delta[k]
     std = noise_multiplier * max_norm / expected_clients
     out = {}
-    for k, t in reference.items():  # in the reference's key order: the same draws for the same state
+    for k in sorted(reference):  # sorted: the same draws for the same state however its dict is ordered
+        t = reference[k]
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float64) * std
         out[k] = (t.double().cpu() + total[k] / expected_clients + noise).to(t.device, t.dtype)
-    return out
+    return {k: out[k] for k in reference}
 
 
 def poisson_sample(clients: list[str], round: int, seed: int, rate: float) -> list[str]:
@@ -367,5 +369,11 @@ def dp_epsilon(sample_rate: float, noise_multiplier: float, rounds: int, delta: 
         raise ImportError("client-level DP accounting needs dp-accounting: pip install dp-accounting") from None
     accountant = dp_accounting.rdp.RdpAccountant()
     event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
-    return accountant.get_epsilon(delta)
+    absl = logging.getLogger("absl")  # at large q it warns, per call, that it skips orders it cannot compute
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+        return accountant.get_epsilon(delta)
+    finally:
+        absl.setLevel(level)

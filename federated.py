@@ -19,11 +19,16 @@ trains (federated.mode), and uploads only its global state and its sample count:
 After aggregation every client is evaluated on its own eval split with the adapters global, local and
 global+local (eval loss, and exact match of greedy generations). Prompts that different clients answer
 differently (the demo's "translate" task) are reported apart: one averaged adapter cannot serve them all.
+
+With federated.dp_clip > 0 the global adapter is released under client-level differential privacy
+(DP-FedAvg): each client clips its update, clients are Poisson-sampled, the server adds Gaussian noise to
+an equal-weight mean and reports the epsilon spent (fedavg.py has the formulas; README: "Privacy").
 """
 
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -299,6 +304,8 @@ class Client:
         upload = {k: v.cpu() for k, v in lora.adapter_state_dict(self.model, "global").items()}
         if not is_finite(upload):
             raise FloatingPointError("its global adapter has NaN/inf values")
+        if self.cfg["federated"]["dp_clip"] > 0:  # client-level DP: clipped here, so no server sees more
+            upload = fedavg.clip_update(upload, global_state, self.cfg["federated"]["dp_clip"])[0]
         if self.has_local:  # the local adapter stays here
             self.local = {k: v.cpu() for k, v in lora.adapter_state_dict(self.model, "local").items()}
             if local_opt is not None:
@@ -322,6 +329,11 @@ class Client:
         return rows
 
 
+def uses_poisson(fc: dict[str, Any]) -> bool:
+    """Whether clients are Poisson-sampled: federated.sampling poisson, or auto with DP on."""
+    return fc["sampling"] == "poisson" or (fc["sampling"] == "auto" and fc["dp_clip"] > 0)
+
+
 class Server:
     """The coordinator: samples the clients of a round and tells each what to do (lr, seeds), averages
     what they upload (fedavg.weighted_average, then the server optimizer), and holds the global adapter
@@ -332,13 +344,17 @@ class Server:
         fc = cfg["federated"]
         self.optimizer = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
         self.history: list[dict[str, Any]] = []
+        self.dp, self.poisson = fc["dp_clip"] > 0, uses_poisson(fc)
 
     def tasks(self, rnd: int) -> list[tuple[str, dict[str, Any]]]:
         """(client, task) for each client sampled in round `rnd`. A task carries all that makes the
         client's training reproducible anywhere: the round, its lr and the seeds of data order and dropout."""
         fc, tc = self.cfg["federated"], self.cfg["train"]
         lr = train.lr_at(rnd - 1, fc["rounds"], 0, tc["lr"], tc["min_lr_ratio"])
-        sampled = fedavg.sample_clients(self.clients, rnd, tc["seed"], fraction=fc["fraction"])
+        if self.poisson:
+            sampled = fedavg.poisson_sample(self.clients, rnd, tc["seed"], fc["fraction"])
+        else:
+            sampled = fedavg.sample_clients(self.clients, rnd, tc["seed"], fraction=fc["fraction"])
         seed = tc["seed"]
         return [
             (
@@ -362,13 +378,34 @@ class Server:
         failed: list[str],
     ) -> bool:
         """The new global adapter from the uploads, weighted by sample counts (FedAvg), through the server
-        optimizer; with fewer than federated.min_clients uploads it stays as it was. Returns whether it
+        optimizer; with DP (federated.dp_clip > 0) their equal-weight mean plus noise (fedavg.dp_mean)
+        instead. With fewer than federated.min_clients uploads it stays as it was. Returns whether it
         changed hands (the round's status)."""
-        ok = len(uploads) >= self.cfg["federated"]["min_clients"]
-        if ok:
+        fc = self.cfg["federated"]
+        ok = len(uploads) >= fc["min_clients"]
+        if ok and self.dp:  # equal weights over the expected count: see fedavg.dp_mean (sample counts unused)
+            noise = torch.Generator().manual_seed(self.cfg["train"]["seed"] * 1_000_033 + rnd)  # same on resume
+            m = fc["fraction"] * len(self.clients)
+            average = fedavg.dp_mean(self.global_state, uploads, fc["dp_clip"], fc["dp_noise"], m, noise)
+            self.global_state = self.optimizer.step(self.global_state, average)
+        elif ok:
             self.global_state = self.optimizer.step(self.global_state, fedavg.weighted_average(uploads, weights))
         self.history.append({"round": rnd, "sampled": sampled, "failed": failed})
         return ok
+
+    def epsilon(self, rounds: int) -> float | None:
+        """The client-level privacy spent by `rounds` rounds, at federated.dp_delta; None without DP noise."""
+        fc = self.cfg["federated"]
+        if not self.dp or fc["dp_noise"] == 0:
+            return None
+        return fedavg.dp_epsilon(fc["fraction"], fc["dp_noise"], rounds, fc["dp_delta"])
+
+    def over_budget(self, rnd: int) -> str | None:
+        """Why round `rnd` must not run (it would take epsilon past federated.dp_max_epsilon), or None."""
+        limit, eps = self.cfg["federated"]["dp_max_epsilon"], self.epsilon(rnd)
+        if limit is None or eps is None or eps <= limit:
+            return None
+        return f"stopped before round {rnd}: epsilon would reach {eps:.3g} > federated.dp_max_epsilon={limit:g}"
 
 
 def round_summary(
@@ -380,19 +417,23 @@ def round_summary(
     ok: bool,
     t0: float,
     t_train: float,
+    epsilon: float | None = None,
 ) -> dict[str, Any]:
-    """The round's record for metrics.jsonl (report_round adds each view's means)."""
+    """The round's record for metrics.jsonl (report_round adds each view's means); `epsilon`, with DP noise:
+    the privacy spent so far."""
+    dp = {} if epsilon is None else {"epsilon": epsilon}
     return {
         "round": rnd,
         "clients": [c for c, _ in tasks],
         "succeeded": len(uploads),
         "failed": failed,
-        "status": "ok" if ok else "failed",
+        "status": "ok" if ok else "failed" if tasks else "empty",
         "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
         "train_loss": sum(losses) / len(losses) if losses else None,
         "lr": tasks[0][1]["lr"] if tasks else None,
         "seconds": round(time.time() - t0, 2),
         "seconds_train": round(t_train, 2),
+        **dp,
     }
 
 
@@ -417,10 +458,15 @@ def report_round(
         summary[f"conflict_exact_match_{view}"] = sum(conflict) / len(conflict) if conflict else None
     logger.log(**summary)
     n_ok, n = summary["succeeded"], len(summary["clients"])
-    status = "" if summary["status"] == "ok" else f"  FAILED: {n_ok} < federated.min_clients; global adapter unchanged"
+    status = {
+        "ok": "",
+        "failed": f"  FAILED: {n_ok} < federated.min_clients; global adapter unchanged",
+        "empty": "  no client sampled; global adapter unchanged",
+    }[summary["status"]]
+    dp = f", epsilon {summary['epsilon']:.3g}" if "epsilon" in summary else ""
     print(
         f"round {rnd}/{rounds}: {n_ok}/{n} clients, uploaded "
-        f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}, "
+        f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}{dp}, "
         f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}"
     )
     print_table(rnd, rows, views)
@@ -506,15 +552,42 @@ def load_round(
 # ----------------------------------------------------------------------------------------------------
 
 
-def check(cfg: C.Config, clients: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) -> None:
-    """The federated settings that depend on the clients."""
+def check_sampling(cfg: C.Config, n_clients: int) -> None:
+    """The sampling and DP settings, for n_clients clients (ConfigError naming the key if bad); warns when
+    federated.dp_delta is not well below 1 / n_clients. The simulation and the ServerApp both call it."""
     fc = cfg["federated"]
-    per_round = max(1, round(fc["fraction"] * len(clients)))
+    dp, poisson = fc["dp_clip"] > 0, uses_poisson(fc)
+    per_round = n_clients if poisson else max(1, round(fc["fraction"] * n_clients))
     if fc["min_clients"] > per_round:
         raise C.ConfigError(
             f"federated.min_clients: {fc['min_clients']} is more than the {per_round} clients "
-            f"sampled per round (federated.fraction={fc['fraction']} of {len(clients)})"
+            + (f"poisson sampling can pick (of {n_clients})" if poisson else
+               f"sampled per round (federated.fraction={fc['fraction']} of {n_clients})")
+        )  # fmt: skip
+    if fc["dp_noise"] > 0 and not dp:
+        raise C.ConfigError("federated.dp_noise: noise needs federated.dp_clip > 0 (the bound it is scaled to)")
+    if dp and fc["sampling"] == "fixed":
+        raise C.ConfigError("federated.sampling: DP needs poisson (or auto): the privacy accountant assumes it")
+    if fc["dp_max_epsilon"] is not None and fc["dp_noise"] == 0:
+        raise C.ConfigError(
+            "federated.dp_max_epsilon: needs federated.dp_noise > 0 (without noise epsilon is unbounded)"
         )
+    if dp and fc["dp_noise"] > 0:
+        try:
+            fedavg.dp_epsilon(fc["fraction"], fc["dp_noise"], 1, fc["dp_delta"])
+        except ImportError as e:
+            raise C.ConfigError(f"federated.dp_noise: {e}") from None
+        if fc["dp_delta"] > 0.1 / n_clients:
+            print(f"warning: federated.dp_delta={fc['dp_delta']:g} is not well below 1 / {n_clients} clients: "
+                  "a guarantee that may fail for one client in ten", file=sys.stderr)  # fmt: skip
+    if dp and fc["dp_noise"] == 0:
+        print("warning: federated.dp_clip without federated.dp_noise clips updates but gives no privacy guarantee",
+              file=sys.stderr)  # fmt: skip
+
+
+def check(cfg: C.Config, clients: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) -> None:
+    """The federated settings that depend on the clients."""
+    check_sampling(cfg, len(clients))
     for name, (_, eval_recs) in clients.items():
         if not eval_recs:
             raise C.ConfigError(f"client {name}: no eval records (raise data.eval_fraction)")
@@ -597,6 +670,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     t_start = time.time()
     for rnd in range(start, fc["rounds"] + 1):
+        if stop := server.over_budget(rnd):
+            print(stop)
+            break
         t0 = time.time()
         tasks = server.tasks(rnd)
         uploads, weights, losses, failed = [], [], [], []
@@ -617,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ok = server.aggregate(rnd, sampled, uploads, weights, failed)
         t_train = time.time() - t0
         rows = {c: site.evaluate(server.global_state, conflicts) for c, site in sites.items()}
-        summary = round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train)
+        summary = round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd))
         report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         local_states = {c: site.local for c, site in sites.items() if site.local is not None}
         local_optimizers = {c: site.local_optimizer for c, site in sites.items() if site.local_optimizer is not None}

@@ -205,6 +205,7 @@ def run(grid: Grid, context: Context) -> None:
     )
     seen: set[int] = set()
     nodes, initial, adapter_cfg = roster(grid, cfg, seen, timeout)
+    federated.check_sampling(cfg, len(nodes))
     train.clear_output_dir(out_dir, previous)
     C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
     server = federated.Server(cfg, list(nodes), initial)
@@ -219,6 +220,9 @@ def run(grid: Grid, context: Context) -> None:
     logger = C.Logger(out_dir)
     print(f"{len(nodes)} sites ({', '.join(nodes)}), mode {fc['mode']}, {fc['rounds']} rounds")
     for rnd in range(start, fc["rounds"] + 1):
+        if stop := server.over_budget(rnd):
+            print(stop)
+            break
         t0 = time.time()
         for name, (node, _) in discover(grid, seen, timeout).items():  # a site back after a restart
             if name in nodes:
@@ -252,7 +256,7 @@ def run(grid: Grid, context: Context) -> None:
         rows = evaluate_sites(
             grid, {c: n for c, n in nodes.items() if c not in silent}, server.global_state, rnd, timeout
         )
-        summary = federated.round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train)
+        summary = federated.round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd))
         views = ["global"] if fc["mode"] == "global_only" else list(federated.VIEWS)
         federated.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         save_round(out_dir, rnd, server, adapter_cfg, cfg)

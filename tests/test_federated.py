@@ -1,6 +1,7 @@
 """federated.py: the round loop, its metrics, failing clients, checkpoints and exact resume."""
 
 import json
+import math
 import os
 
 import pytest
@@ -159,15 +160,18 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
         assert all(torch.equal(a[i][m], b[i][m]) for i in a for m in ("exp_avg", "exp_avg_sq")), left_out
 
 
-@pytest.mark.parametrize("server", ["fedavgm", "fedadam"])
+@pytest.mark.parametrize("server", ["fedavgm", "fedadam", "dp"])
 def test_resume_equals_an_uninterrupted_run(server, cache_dir, tmp_path, capsys, monkeypatch):
     """Killed in round 2 and resumed: the same adapters and metrics as without the cut. The server
-    optimizer's buffers (momentum, Adam's moments) come back from round_001 too."""
+    optimizer's buffers (momentum, Adam's moments) come back from round_001 too; with DP, the same clients
+    (Poisson-sampled) and the same noise."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    run = lambda out: small_run(cache_dir, out, f"federated.server_optimizer={server}", "federated.server_lr=0.5")  # noqa: E731
+    extra = DP if server == "dp" else (f"federated.server_optimizer={server}", "federated.server_lr=0.5")
+    run = lambda out: small_run(cache_dir, out, *extra)  # noqa: E731
     assert run_main(federated.main, run(full), capsys)[0] == 0
-    buffers = torch.load(full / "round_001/server.pt", weights_only=False)["server_optimizer"]["m"]
-    assert buffers and all(v.any() for v in buffers.values())  # round 2 depends on them
+    if server != "dp":
+        buffers = torch.load(full / "round_001/server.pt", weights_only=False)["server_optimizer"]["m"]
+        assert buffers and all(v.any() for v in buffers.values())  # round 2 depends on them
     real = federated.client_update
     calls = []
 
@@ -284,6 +288,112 @@ def test_dirichlet_clients_from_one_file(cache_dir, tmp_path, capsys):
     )
     assert code == 0, err
     assert "3 clients (client_0, client_1, client_2)" in stdout
+
+
+DP = ("federated.dp_clip=0.05", "federated.dp_noise=0.8", "federated.fraction=0.67")  # poisson (auto)
+
+
+def test_dp_clips_at_the_client_and_adds_seeded_noise_at_the_server(cache_dir, tmp_path, capsys, monkeypatch):
+    """DP-FedAvg through federated.main: Poisson-sampled clients (rate 0.67), each upload within dp_clip of
+    the global adapter it received (some had to be clipped), the new global adapter equal to the
+    fixed-denominator mean of the uploads plus noise drawn from the round's seed, and the epsilon reported
+    each round equal to the accountant's for (q, z, rounds, delta)."""
+    norms, rounds = [], []
+    real_clip, real_mean = federated.fedavg.clip_update, federated.fedavg.dp_mean
+
+    def clip(state, reference, max_norm):
+        out, norm = real_clip(state, reference, max_norm)
+        norms.append(norm)
+        return out, norm
+
+    def mean(reference, uploads, *a):
+        rounds.append(([{k: v.clone() for k, v in u.items()} for u in uploads], dict(reference), a))
+        return real_mean(reference, uploads, *a)
+
+    monkeypatch.setattr(federated.fedavg, "clip_update", clip)
+    monkeypatch.setattr(federated.fedavg, "dp_mean", mean)
+    out = tmp_path / "fed"
+    code, stdout, err = run_main(federated.main, small_run(cache_dir, out, *DP), capsys)
+    assert code == 0, err
+    summaries = {r["round"]: r for r in events(out) if "uploaded_bytes" in r}
+    for rnd in (1, 2):
+        assert summaries[rnd]["clients"] == fedavg.poisson_sample(["fr", "de", "es"], rnd, 0, 0.67)
+        assert summaries[rnd]["epsilon"] == fedavg.dp_epsilon(0.67, 0.8, rnd, 1e-5)
+        assert f"epsilon {summaries[rnd]['epsilon']:.3g}" in stdout
+    assert max(norms) > 0.05  # clipping had work to do
+    for rnd, (uploads, reference, (s, z, m, _)) in zip((1, 2), rounds, strict=True):
+        assert (s, z, m) == (0.05, 0.8, 0.67 * 3)
+        assert len(uploads) == len(summaries[rnd]["clients"])
+        for u in uploads:  # no upload ever left a client unclipped
+            assert math.sqrt(sum((u[k].double() - reference[k].double()).square().sum() for k in u)) <= 0.05 * (
+                1 + 1e-6
+            )
+        noise = torch.Generator().manual_seed(0 * 1_000_033 + rnd)  # the round's seed: train.seed, round
+        expected = real_mean(reference, uploads, s, z, m, noise)  # fedavg server at lr 1: the new global adapter
+        got = adapter_tensors(out / f"round_{rnd:03d}/global")
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_dp_max_epsilon_stops_before_the_round_that_would_exceed_it(cache_dir, tmp_path, capsys):
+    eps1, eps2 = fedavg.dp_epsilon(0.67, 0.8, 1, 1e-5), fedavg.dp_epsilon(0.67, 0.8, 2, 1e-5)
+    limit = (eps1 + eps2) / 2
+    out = tmp_path / "fed"
+    code, stdout, err = run_main(
+        federated.main, small_run(cache_dir, out, *DP, f"federated.dp_max_epsilon={limit}"), capsys
+    )
+    assert code == 0, err
+    assert f"stopped before round 2: epsilon would reach {eps2:.3g} > federated.dp_max_epsilon={limit:g}" in stdout
+    assert [r["round"] for r in events(out) if "uploaded_bytes" in r] == [1]
+    assert federated.completed_rounds(out) == ["round_001"]
+
+
+def test_a_poisson_round_may_sample_no_client(cache_dir, tmp_path, capsys):
+    """train.seed=1, rate 0.2: round 1 samples no client (an empty, legal round), round 2 one."""
+    assert fedavg.poisson_sample(["fr", "de", "es"], 1, 1, 0.2) == []
+    out = tmp_path / "fed"
+    argv = small_run(cache_dir, out, "train.seed=1", "federated.sampling=poisson", "federated.fraction=0.2")
+    code, stdout, err = run_main(federated.main, argv, capsys)
+    assert code == 0, err
+    summaries = {r["round"]: r for r in events(out) if "uploaded_bytes" in r}
+    assert summaries[1]["clients"] == [] and summaries[1]["status"] == "empty"
+    assert "round 1/2: 0/0 clients" in stdout and "no client sampled; global adapter unchanged" in stdout
+    assert summaries[2]["status"] == "ok" and len(summaries[2]["clients"]) == 1
+    glob = adapter_tensors(out / "round_001/global")
+    assert all(not v.any() for k, v in glob.items() if "lora_B" in k)  # still the fresh adapter
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["federated.dp_clip=-1"], "federated.dp_clip: must be >= 0, got -1"),
+        (["federated.dp_noise=-0.5"], "federated.dp_noise: must be >= 0, got -0.5"),
+        (["federated.dp_noise=1"], "federated.dp_noise: noise needs federated.dp_clip > 0"),
+        (["federated.dp_delta=1"], r"federated.dp_delta: must be in \(0, 1\), got 1"),
+        (["federated.dp_delta=0"], r"federated.dp_delta: must be in \(0, 1\), got 0"),
+        ([*DP, "federated.sampling=fixed"], "federated.sampling: DP needs poisson"),
+        (["federated.sampling=poisson", "federated.min_clients=4"],
+         "federated.min_clients: 4 is more than the 3 clients poisson sampling can pick"),
+        (["federated.dp_max_epsilon=0"], "federated.dp_max_epsilon: must be > 0 or null, got 0"),
+        (["federated.dp_clip=0.1", "federated.dp_max_epsilon=8"],
+         "federated.dp_max_epsilon: needs federated.dp_noise > 0"),
+    ],
+)  # fmt: skip
+def test_bad_dp_input_gives_one_clear_line(overrides, message, cache_dir, tmp_path, capsys):
+    code, _, err = run_main(federated.main, small_run(cache_dir, tmp_path / "fed", *overrides), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert not (tmp_path / "fed").exists()
+
+
+def test_dp_without_dp_accounting_gives_one_clear_line(cache_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "dp_accounting", None)  # import fails, as when not installed
+    code, _, err = run_main(federated.main, small_run(cache_dir, tmp_path / "fed", *DP), capsys)
+    assert code == 2
+    assert (
+        err.strip()
+        == "error: federated.dp_noise: client-level DP accounting needs dp-accounting: pip install dp-accounting"
+    )
 
 
 def test_resume_with_nothing_to_resume_gives_one_clear_line(cache_dir, tmp_path, capsys):

@@ -201,6 +201,12 @@ def per_client(out_dir):
                 for r in map(json.loads, f) if "client" in r}  # fmt: skip
 
 
+def round_records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in r.items() if k in ("round", "clients", "status", "epsilon")}
+                for r in map(json.loads, f) if "status" in r]  # fmt: skip
+
+
 def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, tmp_path):
     """Two sites; es dies (SIGKILL) as round 1 starts and is restarted at once. Round 1 waits at most
     federated.round_timeout, keeps fr's upload alone, and reports es failed; in round 2 the restarted es (a new
@@ -231,13 +237,17 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     assert "site es reconnected" in output
 
 
-def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(deployment, cache_dir, tmp_path, capsys):
+@pytest.mark.parametrize("dp", [False, True])
+def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(dp, deployment, cache_dir, tmp_path, capsys):
     """Two sites over TLS. Round 1 runs as deployed; then the whole federation dies (SuperLink, ServerApp,
     SuperNodes: SIGKILL) during round 2. Restarted, with `resume=true` it continues after round 1. Every
     round's global adapter, the sites' local adapters and every evaluation equal the serial simulation's
-    (bit for bit), and the coordinator never holds a local adapter."""
+    (bit for bit), and the coordinator never holds a local adapter. With client-level DP too: the sites
+    clip, the ServerApp adds the round's noise and reports the same epsilon."""
     sim, dep, state = tmp_path / "sim", tmp_path / "dep", tmp_path / "state"
-    assert run_main(federated.main, [CONFIG, *job(cache_dir, sim, ["fr", "de"])], capsys)[0] == 0
+    extra = ["federated.dp_clip=0.05", "federated.dp_noise=0.8"] if dp else []
+    job_ = lambda out, sites: [*job(cache_dir, out, sites), *extra]  # noqa: E731
+    assert run_main(federated.main, [CONFIG, *job_(sim, ["fr", "de"])], capsys)[0] == 0
 
     def start():
         deployment.superlink()
@@ -245,7 +255,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(deploymen
             deployment.supernode(site, state / site)
 
     start()
-    deployment.start_run(job(cache_dir, dep, ["fr", "de"]))
+    deployment.start_run(job_(dep, ["fr", "de"]))
     deadline = time.time() + 400
     while not (dep / "round_001").exists():
         assert time.time() < deadline and deployment.procs["run"].poll() is None, (tmp_path / "run.log").read_text()
@@ -255,7 +265,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(deploymen
     assert federated.completed_rounds(dep) == ["round_001"]
     deployment.port = free_port()
     start()
-    deployment.start_run(job(cache_dir, dep, ["fr", "de"]), resume=True)
+    deployment.start_run(job_(dep, ["fr", "de"]), resume=True)
     code, output = deployment.wait_run()
     assert code == 0 and "resumed after round_001" in output, output
     for rnd in ("round_001", "round_002"):
@@ -266,6 +276,8 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(deploymen
             assert all(torch.equal(a[k], b[k]) for k in a), (rnd, site)
     assert per_client(sim) == per_client(dep)  # eval loss and exact match, every round, site and view
     assert not (dep / "round_002/clients").exists()  # the coordinator never holds a local adapter
+    assert round_records(sim) == round_records(dep)  # the same clients, statuses and epsilon
+    assert all(("epsilon" in r) == dp for r in round_records(dep))
 
 
 @pytest.mark.parametrize("run_config, message", [
