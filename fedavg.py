@@ -281,9 +281,19 @@ class ServerOptimizer:
 # (epsilon at a delta) comes from an accountant for the Poisson-sampled Gaussian mechanism (dp_epsilon).
 
 
-def _norm(delta: dict[str, torch.Tensor]) -> float:
-    """The L2 norm of all tensors of a state dict together, as if flattened into one vector."""
-    return math.sqrt(math.fsum(d.double().square().sum().item() for d in delta.values()))
+def _check_clip_norm(max_norm: float) -> None:
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"the clipping norm must be a finite number > 0, got {max_norm!r}")
+
+
+def _update(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], name: str
+) -> tuple[dict[str, torch.Tensor], float]:
+    """(state - reference in float64 on the CPU, its L2 norm over all tensors together, as if flattened into
+    one vector); ValueError if the two differ in keys, shapes or dtypes (`name` names the state)."""
+    _check_like(reference, state, "the reference", name)
+    delta = {k: state[k].double().cpu() - reference[k].double().cpu() for k in reference}
+    return delta, math.sqrt(math.fsum(d.square().sum().item() for d in delta.values()))
 
 
 def clip_update(
@@ -295,15 +305,14 @@ def clip_update(
     Raises:
         ValueError: max_norm not > 0, or states whose keys, shapes or dtypes differ.
     """
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"the clipping norm must be a finite number > 0, got {max_norm!r}")
-    _check_like(reference, state, "the reference", "the state")
-    delta = {k: state[k].double() - reference[k].to(state[k].device).double() for k in reference}
-    norm = _norm(delta)
+    _check_clip_norm(max_norm)
+    delta, norm = _update(state, reference, "the state")
     if norm <= max_norm:
         return {k: t.clone() for k, t in state.items()}, norm
     factor = max_norm / norm
-    return {k: (reference[k].double() + d * factor).to(state[k].dtype) for k, d in delta.items()}, norm
+    return {
+        k: (reference[k].double().cpu() + d * factor).to(state[k].device, state[k].dtype) for k, d in delta.items()
+    }, norm
 
 
 def dp_mean(
@@ -323,17 +332,14 @@ def dp_mean(
         ValueError: an upload farther than S (with float slack) from the reference: not clipped, so the
             noise would not cover it; or a bad S, z or m.
     """
+    _check_clip_norm(max_norm)
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"the noise multiplier must be a finite number >= 0, got {noise_multiplier!r}")
     if not (math.isfinite(expected_clients) and expected_clients > 0):
         raise ValueError(f"the expected number of clients must be > 0, got {expected_clients!r}")
     total = {k: torch.zeros(t.shape, dtype=torch.float64) for k, t in reference.items()}
-    if not (math.isfinite(max_norm) and max_norm > 0):
-        raise ValueError(f"the clipping norm must be a finite number > 0, got {max_norm!r}")
     for i, upload in enumerate(uploads):
-        _check_like(reference, upload, "the reference", f"upload {i}")
-        delta = {k: upload[k].double().cpu() - reference[k].double().cpu() for k in reference}
-        norm = _norm(delta)
+        delta, norm = _update(upload, reference, f"upload {i}")
         if norm > max_norm * (1 + 1e-5):
             raise ValueError(f"upload {i} is {norm:.4g} from the global state, more than the clipping norm {max_norm}")
         for k in total:

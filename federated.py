@@ -402,8 +402,9 @@ class Server:
 
     def over_budget(self, rnd: int) -> str | None:
         """Why round `rnd` must not run (it would take epsilon past federated.dp_max_epsilon), or None."""
-        limit, eps = self.cfg["federated"]["dp_max_epsilon"], self.epsilon(rnd)
-        if limit is None or eps is None or eps <= limit:
+        limit = self.cfg["federated"]["dp_max_epsilon"]
+        eps = None if limit is None else self.epsilon(rnd)  # no accounting to do without a limit
+        if eps is None or eps <= limit:
             return None
         return f"stopped before round {rnd}: epsilon would reach {eps:.3g} > federated.dp_max_epsilon={limit:g}"
 

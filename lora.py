@@ -67,8 +67,8 @@ def keep_standard_layout(base: nn.Linear) -> None:
     Undoing is not exact: the repacked layout keeps each block's scale (absmax) in bf16, so the restored
     weight differs from the never-packed one by 2.4e-4 to 2.8e-4 on an nn.Linear(128, 64) at its default
     init (largest |w| 0.088: at most 0.32% of it over 30 seeds; tests/test_lora.py bounds it at 3e-4 and
-    0.35%). Without double quantization,
-    bitsandbytes 0.50's inverse also leaves the scales transposed (a 5% error); they are put back here.
+    0.35%). Without double quantization, bitsandbytes 0.50's inverse also leaves the scales transposed (a 5%
+    error); they are put back here.
     """
     if hasattr(base, "support_avx512bf16_for_cpu"):
         base.support_avx512bf16_for_cpu = False

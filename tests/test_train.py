@@ -395,8 +395,8 @@ def test_write_atomically_keeps_the_old_directory_until_the_new_one_is_complete(
 
 
 def test_resume_with_nothing_to_resume_gives_one_clear_line(cache_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
     for out in (tmp_path / "missing", tmp_path / "empty"):
-        (tmp_path / "empty").mkdir(exist_ok=True)
         code, _, err = run_main(train.main, [*small_run(cache_dir, out), "--resume"], capsys)
         lines = err.strip().splitlines()
         assert code == 2 and lines == [f"error: --resume: {out} holds no complete checkpoint to resume from"], err
