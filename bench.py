@@ -247,7 +247,7 @@ def peak_mib(device: torch.device) -> float:
 
 def ours(
     path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, dora: bool, compile: bool = False
-) -> Callable[[dict[str, torch.Tensor]], tuple[float | None, int]]:
+) -> Callable[[dict[str, torch.Tensor]], tuple[float | None, int, float | None]]:
     """This project's path: model.load_model, lora.inject, train.train_step. Returns step()."""
     import train
 

@@ -281,7 +281,11 @@ def quiet_libraries() -> None:
 class Logger:
     """metrics.jsonl (one JSON object per event), plus TensorBoard when it is installed."""
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self, out_dir: str | None) -> None:
+        """out_dir None: log nothing (a data-parallel process other than rank 0, which logs for all)."""
+        self.file = self.tb = None
+        if out_dir is None:
+            return
         self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # open for the whole run
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -292,6 +296,8 @@ class Logger:
 
     def log(self, **event: Any) -> None:
         """Append one event; its numbers (but the step) also go to TensorBoard, at the event's step."""
+        if self.file is None:
+            return
         self.file.write(json.dumps(event) + "\n")
         self.file.flush()
         if self.tb is not None:

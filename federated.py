@@ -133,7 +133,7 @@ def train_adapter(
     losses = []
     for _ in range(steps):
         micro = [next(batches) for _ in range(tc["grad_accum"])]
-        loss, _ = train.train_step(model, params, optimizer, scaler, micro, device, dtype, tc["max_grad_norm"])
+        loss, _, _ = train.train_step(model, params, optimizer, scaler, micro, device, dtype, tc["max_grad_norm"])
         if loss is not None:
             losses.append(loss)
     return sum(losses) / len(losses) if losses else float("nan"), to_cpu(optimizer.state_dict())

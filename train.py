@@ -1,10 +1,11 @@
 """Fine-tune a 4-bit causal LM with LoRA / DoRA adapters: one hand-written training loop.
 
     python train.py config.yaml [section.key=value ...] [--resume]
+    torchrun --nproc_per_node N train.py config.yaml ...        # data-parallel over N GPUs (or CPU processes)
 
 Reading order: main(), which is the whole run top to bottom, then the pieces it calls in that order: the
-loss, one optimizer step, the batches, evaluation and checkpoints. The config (defaults, checks,
-overrides) lives in config.py; federated.py reuses the pieces here.
+loss, one optimizer step, the batches, evaluation, checkpoints and the few data-parallel helpers. The
+config (defaults, checks, overrides) lives in config.py; federated.py reuses the pieces here.
 """
 
 import math
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
@@ -44,13 +46,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv,
         lambda ap: ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint"),
     )
+    # Under torchrun every process runs all of main(); rank 0 alone prints and writes files for all
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # errors and warnings (stderr) still come from every process
     try:
         cfg = C.load_config(args.config, args.overrides)
         tc, lc = cfg["train"], cfg["lora"]
         out_dir = tc["output_dir"]
         previous = check_output_dir(out_dir, args.resume, tc["overwrite"])
+        ckpt, state = read_checkpoint(out_dir, world) if args.resume else (None, None)
         C.quiet_libraries()
         seed_everything(tc["seed"])
+        if world > 1:
+            start_data_parallel(cfg["model"]["device"])
         model, tok, base_path, device, dtype = C.load_base(cfg)
         train_ex, eval_ex, eval_recs = load_examples(cfg, tok)
         if not train_ex:
@@ -66,30 +75,39 @@ def main(argv: Sequence[str] | None = None) -> None:
             dtype,
             os.path.join(out_dir, "config.yaml") if args.resume else None,
         )
+        if world > 1:
+            dist.barrier()  # every process has checked its inputs: only now may rank 0 clear an old run
     except (C.ConfigError, D.DataError, M.ModelError, ValueError) as e:
         C.fail(e)
-    clear_output_dir(out_dir, previous)  # only now: a bad input above leaves an earlier run untouched
-    C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))  # the resolved config, with every default
+    if rank == 0:
+        clear_output_dir(out_dir, previous)  # only now: a bad input above leaves an earlier run untouched
+        C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))  # the resolved config, with every default
+    if world > 1:
+        seed_everything(tc["seed"] + rank)  # the adapters started equal; now each rank its own dropout masks
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, tc["lr"], tc["weight_decay"], device)
     # fp16 needs loss scaling (its exponent range is narrow); bf16 and fp32 do not, so the scaler is off
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    logger = C.Logger(out_dir)
+    logger = C.Logger(out_dir if rank == 0 else None)
     trainable, total = M.count_parameters(model)
     print(
         f"model {base_path} on {device} in {str(dtype).replace('torch.', '')}, "
         f"{cfg['model']['quantization']}; adapters: {trainable:,} trainable of {total:,} parameters; "
         f"{len(train_ex)} train / {len(eval_ex)} eval examples"
     )
+    print(
+        f"batch: {tc['batch_size'] * tc['grad_accum'] * world} sequences per optimizer step = "
+        f"{tc['batch_size']} (train.batch_size) x {tc['grad_accum']} (train.grad_accum) x {world} "
+        f"process{'es' if world > 1 else ''}"
+    )
 
     step = 0
     if args.resume:
-        ckpt = latest_checkpoint(out_dir)
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
         lora.load_adapter(model, os.path.join(ckpt, "adapter"), "default")
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict before torchrun
+        set_rng_state(rngs[rank])
         step = state["step"]
         logger.log(event="resume", step=step)
         print(f"resumed from {ckpt}")
@@ -104,11 +122,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         tc["seed"],
         cfg["data"]["group_by_length"],
         tok.pad_token_id,
-        start=step * tc["grad_accum"],
+        start=step * tc["grad_accum"] * world,
+        rank=rank,
+        world=world,
     )
     from tqdm import tqdm
 
-    bar = tqdm(total=tc["max_steps"], initial=step, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=tc["max_steps"], initial=step, dynamic_ncols=True, disable=True if rank else None)
     model.train()
     bad_steps, t0, tokens_seen = 0, time.time(), 0
     while step < tc["max_steps"]:
@@ -116,11 +136,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(batches) for _ in range(tc["grad_accum"])]
-        loss, n_tokens = train_step(model, params, optimizer, scaler, micro, device, dtype, tc["max_grad_norm"])
+        loss, n_tokens, grad_norm = train_step(
+            model, params, optimizer, scaler, micro, device, dtype, tc["max_grad_norm"]
+        )
         step += 1
         if loss is None:
             bad_steps += 1
-            tqdm.write(f"warning: step {step}: loss is NaN/inf, step skipped", file=sys.stderr)
+            if rank == 0:
+                tqdm.write(f"warning: step {step}: loss is NaN/inf, step skipped", file=sys.stderr)
             logger.log(step=step, event="nonfinite_loss")
             if bad_steps >= tc["max_bad_steps"]:
                 last = latest_checkpoint(out_dir)
@@ -134,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if step % tc["log_every"] == 0 or step == tc["max_steps"]:
             tok_s = tokens_seen / (time.time() - t0)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            logger.log(step=step, loss=loss, lr=lr, tokens_per_s=tok_s)
+            logger.log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s)
             if bar.disable:
                 print(f"step {step}: loss {loss:.4f} lr {lr:.2e} {tok_s:.0f} tok/s")
             tokens_seen, t0 = 0, time.time()
@@ -143,15 +166,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             logger.log(step=step, **metrics)
             tqdm.write(f"step {step}: {describe(metrics)}")
         if (tc["save_every"] and step % tc["save_every"] == 0) or step == tc["max_steps"]:
-            save_checkpoint(out_dir, step, model, optimizer, scaler, cfg, base_path, tc["keep_checkpoints"])
+            rngs = all_rng_states()  # every rank's generators, so that each resumes its own dropout masks
+            if rank == 0:
+                save_checkpoint(out_dir, step, model, optimizer, scaler, cfg, base_path, tc["keep_checkpoints"], rngs)
     bar.close()
 
     if eval_ex:
         metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, device, dtype)
         logger.log(step=step, **metrics)
         print(f"step {step}: {describe(metrics)} (end of training)")
-    write_atomically(os.path.join(out_dir, "adapter"), lambda tmp: lora.save_adapter(model, tmp, "default", base_path))
-    print(f"adapter saved to {os.path.join(out_dir, 'adapter')}")
+    if rank == 0:
+        final = os.path.join(out_dir, "adapter")
+        write_atomically(final, lambda tmp: lora.save_adapter(model, tmp, "default", base_path))
+        print(f"adapter saved to {final}")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,12 +419,14 @@ def train_step(
     device: torch.device,
     dtype: torch.dtype,
     max_grad_norm: float,
-) -> tuple[float | None, int]:
-    """One optimizer step over a list of micro-batches (gradient accumulation). Returns (loss, tokens),
-    or (None, tokens) when the loss was NaN/inf and the step was skipped."""
-    # Normalise by the labelled tokens of the whole step, so accumulating k micro-batches gives the same
-    # gradient as one batch k times larger (a mean of per-micro-batch means would weight them wrongly).
-    n_tokens = sum(int((mb["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for mb in micro_batches)
+) -> tuple[float | None, int, float | None]:
+    """One optimizer step over a list of micro-batches (gradient accumulation), on every rank at once
+    under torchrun. Returns (loss, tokens, gradient norm before clipping) of the whole step, or
+    (None, tokens, None) when the loss was NaN/inf and the step was skipped."""
+    # Normalise by the labelled tokens of the whole step (all its micro-batches, on all ranks), so k
+    # micro-batches on n ranks give the same gradient as one batch k x n times larger (a mean of
+    # per-micro-batch means would weight them wrongly).
+    n_tokens = int(all_sum([sum(int((mb["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for mb in micro_batches)])[0])
     total = 0.0
     for mb in micro_batches:
         mb = {k: v.to(device) for k, v in mb.items()}
@@ -403,28 +434,42 @@ def train_step(
             loss, _ = loss_sum(model, mb)
         loss = loss / max(n_tokens, 1)
         if not torch.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            return None, n_tokens
+            total = math.inf
+            break
         scaler.scale(loss).backward()  # a no-op scaler unless fp16
         total += loss.item()
+    total = sync_gradients(params, total)  # sums over the ranks; nothing to do in one process
+    if not math.isfinite(total):  # every rank sees the same total, so all skip the step together
+        optimizer.zero_grad(set_to_none=True)
+        return None, n_tokens, None
+    scaler.unscale_(optimizer)  # (a no-op unless fp16) so that the norm below is the true one
     if max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total, n_tokens
+    return total, n_tokens, grad_norm.item()
 
 
 def batch_stream(
-    examples: list[Example], batch_size: int, seed: int, group_by_length: bool, pad_id: int, start: int = 0
+    examples: list[Example],
+    batch_size: int,
+    seed: int,
+    group_by_length: bool,
+    pad_id: int,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[Batch]:
-    """Endless micro-batches, epoch after epoch, deterministic from the seed; skips the first `start`."""
+    """Endless micro-batches, epoch after epoch, deterministic from the seed; skips the first `start`.
+    With `world` ranks, one shared order is dealt out: rank r takes the micro-batches r, r + world, ..."""
     lengths = [len(e["input_ids"]) for e in examples]
     epoch, i = 0, 0
     while True:
         for idx in D.batch_indices(lengths, batch_size, seed, epoch, group_by_length):
-            if i >= start:
+            if i >= start and i % world == rank:
                 yield D.collate([examples[j] for j in idx], pad_id)
             i += 1
         epoch += 1
@@ -477,9 +522,10 @@ def resolve_batch_size(
     dtype: torch.dtype,
     previous_config: str | None = None,
 ) -> int:
-    """train.batch_size, with "auto" resolved: on CUDA the largest micro-batch that fits (probed), on
-    other devices 16 (running out of CPU memory kills the process instead of raising). A resumed run
-    keeps the size its first part used (from its saved config), so its batches are the same."""
+    """train.batch_size, with "auto" resolved: on CUDA the largest micro-batch that fits (probed on every
+    rank, the smallest answer taken by all), on other devices 16 (running out of CPU memory kills the
+    process instead of raising). A resumed run keeps the size its first part used (from its saved config),
+    so its batches are the same."""
     if tc["batch_size"] != "auto":
         return tc["batch_size"]
     if previous_config and os.path.isfile(previous_config):
@@ -490,7 +536,7 @@ def resolve_batch_size(
     if device.type != "cuda":
         print(f"train.batch_size auto: 16 on {device.type} (probing the largest batch needs a CUDA GPU)")
         return 16
-    n = largest_batch_size(model, examples, pad_id, device, dtype, limit=min(len(examples), 256))
+    n = all_min(largest_batch_size(model, examples, pad_id, device, dtype, limit=min(len(examples), 256)))
     if n == 0:
         raise M.ModelError(
             "train.batch_size auto: not even one example of the longest length fits in GPU "
@@ -508,16 +554,19 @@ def resolve_batch_size(
 def evaluate(
     model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, dtype: torch.dtype
 ) -> dict[str, float]:
-    """Mean response-token loss and its perplexity over `examples`."""
+    """Mean response-token loss and its perplexity over `examples`; under torchrun each rank takes its
+    share of the batches and the sums are added up, so that evaluation costs 1 / ranks."""
     was_training = model.training
     model.eval()
+    rank, world = rank_and_world()
     total, count = 0.0, 0
-    for idx in D.batch_indices([len(e["input_ids"]) for e in examples], batch_size, 0, 0, True):
+    for idx in D.batch_indices([len(e["input_ids"]) for e in examples], batch_size, 0, 0, True)[rank::world]:
         batch = {k: v.to(device) for k, v in D.collate([examples[j] for j in idx], pad_id).items()}
         with M.autocast(device, dtype):
             loss, n = loss_sum(model, batch)
         total, count = total + loss.item(), count + n
     model.train(was_training)
+    total, count = all_sum([total, count])
     mean = total / max(count, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50))}
 
@@ -532,15 +581,18 @@ def eval_metrics(
     dtype: torch.dtype,
 ) -> dict[str, float]:
     """evaluate()'s loss and perplexity, plus, unless train.eval_max_new_tokens is 0, the exact match of
-    the greedy answers to the eval records (infer.predict and infer.score, as `infer.py --input` scores)."""
+    the greedy answers to the eval records (infer.predict and infer.exact_match, as `infer.py --input`
+    scores), each rank answering its share of the records under torchrun."""
     tc = cfg["train"]
     metrics = evaluate(model, examples, tc["batch_size"], tok.pad_token_id, device, dtype)
     if tc["eval_max_new_tokens"]:
         greedy = dict(max_new_tokens=tc["eval_max_new_tokens"], temperature=0.0, top_p=1.0)
-        answers = infer.predict(
-            model, tok, records, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False
-        )
-        metrics["exact_match"] = infer.score(records, answers)[1]["exact_match"]
+        rank, world = rank_and_world()
+        mine = records[rank::world]
+        answers = infer.predict(model, tok, mine, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False)
+        hits = sum(infer.exact_match(a, r["output"]) for r, a in zip(mine, answers, strict=True))
+        hits, n = all_sum([hits, len(mine)])
+        metrics["exact_match"] = hits / n
     return metrics
 
 
@@ -599,8 +651,11 @@ def save_checkpoint(
     cfg: C.Config,
     base_path: str,
     keep: int,
+    rng_states: list[dict] | None = None,
 ) -> None:
-    """Write checkpoints/step_NNNNNN (adapter, optimizer, scaler, RNG, config); keep the latest `keep`."""
+    """Write checkpoints/step_NNNNNN (adapter, optimizer, scaler, RNG, config); keep the latest `keep`.
+    rng_states: all_rng_states() of a data-parallel run, one per rank (default: this process's)."""
+    rng_states = rng_states or [rng_state()]
     ckpt_dir = os.path.join(out_dir, "checkpoints")
 
     def write(tmp: str) -> None:
@@ -611,7 +666,8 @@ def save_checkpoint(
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "schedule": {"step": step},
-                "rng": rng_state(),
+                "rng": rng_states,
+                "world_size": len(rng_states),
             },
             os.path.join(tmp, "state.pt"),
         )
@@ -639,6 +695,25 @@ def latest_checkpoint(out_dir: str) -> str | None:
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     done = completed(ckpt_dir, "step_")
     return os.path.join(ckpt_dir, done[-1]) if done else None
+
+
+def read_checkpoint(out_dir: str, world: int) -> tuple[str, dict]:
+    """(the newest checkpoint's directory, its state.pt) for --resume.
+
+    Raises:
+        C.ConfigError: it was written by a run with another number of processes, whose data order and
+            batch per step this run cannot continue.
+    """
+    ckpt = latest_checkpoint(out_dir)
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    n = state.get("world_size", 1)
+    if n != world:
+        how = "python train.py" if n == 1 else f"torchrun --nproc_per_node {n} on one machine"
+        raise C.ConfigError(
+            f"--resume: {ckpt} was written by {n} process{'es' if n > 1 else ''} and this run has {world}; "
+            f"resume it with as many ({how}), or start over with train.overwrite=true"
+        )
+    return ckpt, state
 
 
 RUN_FILES = ("metrics.jsonl", "checkpoints", "adapter", "config.yaml")
@@ -674,6 +749,105 @@ def clear_output_dir(out_dir: str, previous: list[str]) -> None:
         path = os.path.join(out_dir, f)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data parallel: `torchrun --nproc_per_node N train.py config.yaml`. torchrun starts N copies of this
+# script with RANK, LOCAL_RANK and WORLD_SIZE set; each loads the 4-bit base on its own device, starts
+# with the same adapters (same seed), trains on its share of the micro-batches and adds its adapter
+# gradients to the others' once per optimizer step, so all ranks take the same step. Without a process
+# group (plain `python train.py`) every helper below returns its input unchanged.
+
+
+def start_data_parallel(device_name: str) -> None:
+    """Join torchrun's process group: NCCL between GPUs, this process on cuda:LOCAL_RANK; gloo on the CPU.
+
+    Raises:
+        M.ModelError: model.device pins one GPU (cuda:N) or names mps; or this machine has fewer GPUs
+            than torchrun started processes.
+    """
+    device = M.resolve_device(device_name)
+    if device.type not in ("cpu", "cuda") or device.index is not None:
+        raise M.ModelError(
+            f"model.device: {device_name} cannot be shared by torchrun's processes; use auto, cuda or cpu "
+            "(each process then takes the GPU cuda:LOCAL_RANK, or the CPU)"
+        )
+    if device.type == "cpu":
+        dist.init_process_group("gloo")
+        return
+    local = int(os.environ["LOCAL_RANK"])
+    if local >= torch.cuda.device_count():
+        raise M.ModelError(
+            f"torchrun started local rank {local} but this machine has {torch.cuda.device_count()} GPUs; "
+            "lower --nproc_per_node"
+        )
+    torch.cuda.set_device(local)  # from here on, "cuda" means this process's own GPU
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: NCCL moves GPU tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Each value summed over the ranks (in float64)."""
+    if rank_and_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_min(value: int) -> int:
+    """The smallest of the ranks' values."""
+    if rank_and_world()[1] == 1:
+        return value
+    t = torch.tensor([value], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def sync_gradients(params: list[nn.Parameter], loss: float) -> float:
+    """Sum the adapter gradients, and the step's loss, over the ranks, in place; return the summed loss.
+
+    Each rank divided its loss by the labelled tokens of every rank's micro-batches (train_step), so the
+    sum is the gradient of the mean loss over the whole step: what one process computes from the same
+    micro-batches with grad_accum x ranks. A rank that met a NaN/inf loss sends inf, so that all skip.
+
+    One all-reduce per optimizer step, of the adapters' gradients alone (4 bytes per trainable parameter:
+    161 MB for Qwen2.5-7B at r = 16 on all seven projections), after the last micro-batch. Why not
+    DistributedDataParallel: DDP overlaps its all-reduce with the backward pass, bucket by bucket, which
+    pays when the gradients are the model's billions of weights; for the adapters it saves little, and
+    under gradient accumulation DDP too syncs only on the last micro-batch (no_sync() before). Without it
+    the model stays unwrapped (no .module, no static_graph for gradient checkpointing), and the loss rides
+    in the same message.
+    """
+    if rank_and_world()[1] == 1:
+        return loss
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten().float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat[:-1].split([p.numel() for p in params]), strict=True):
+        p.grad = g.view_as(p).to(p.dtype)
+    return flat[-1].item()
+
+
+def all_rng_states() -> list[dict]:
+    """rng_state() of every rank, in rank order."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 if __name__ == "__main__":
