@@ -601,6 +601,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv,
         lambda ap: ap.add_argument("--resume", action="store_true", help="continue from the last complete round"),
     )
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # N copies would each run every client into one output_dir
+        C.fail("federated.py runs its clients one after another in one process; run it with python, not torchrun")
     try:
         cfg = C.load_config(args.config, args.overrides)
         fc, lc, seed = cfg["federated"], cfg["lora"], cfg["train"]["seed"]

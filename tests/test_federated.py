@@ -403,6 +403,15 @@ def test_resume_with_nothing_to_resume_gives_one_clear_line(cache_dir, tmp_path,
     assert not out.exists()
 
 
+def test_under_torchrun_it_refuses_in_one_line(cache_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it in each of its processes
+    code, _, err = run_main(federated.main, small_run(cache_dir, tmp_path / "fed"), capsys)
+    assert code == 2 and err.strip() == (
+        "error: federated.py runs its clients one after another in one process; run it with python, not torchrun"
+    )
+    assert not (tmp_path / "fed").exists()
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
