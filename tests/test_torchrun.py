@@ -10,11 +10,13 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lora
+import model as M
 import train
 from conftest import run_main
 
@@ -228,3 +230,17 @@ def test_the_collectives_sum_gradients_share_a_nan_and_agree_on_the_batch_size(t
         assert r["sum"] == [3.0, 1.0] and r["min"] == 4 and r["rank_and_world"] == (rank, 2)
         assert [s["torch"].tolist() for s in r["rng"]] == [q["own_rng"].tolist() for q in results]
     assert results[0]["own_rng"].tolist() != results[1]["own_rng"].tolist()
+
+
+def test_a_device_the_processes_cannot_share_is_refused(monkeypatch):
+    """Only reachable with GPUs, so the device is faked: a pinned GPU or mps for every process, or more
+    processes on a machine than it has GPUs."""
+    monkeypatch.setattr(train.M, "resolve_device", torch.device)
+    for name in ("cuda:1", "mps"):
+        with pytest.raises(M.ModelError, match=f"model.device: {name} cannot be shared by torchrun's processes"):
+            train.start_data_parallel(name)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(M.ModelError, match="local rank 2 but this machine has 2 GPUs; lower --nproc_per_node"):
+        train.start_data_parallel("cuda")
+    assert not dist.is_initialized()
