@@ -426,7 +426,8 @@ def train_step(
     # Normalise by the labelled tokens of the whole step (all its micro-batches, on all ranks), so k
     # micro-batches on n ranks give the same gradient as one batch k x n times larger (a mean of
     # per-micro-batch means would weight them wrongly).
-    n_tokens = int(all_sum([sum(int((mb["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for mb in micro_batches)])[0])
+    n_tokens = sum(int((mb["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for mb in micro_batches)
+    n_tokens = int(all_sum([n_tokens])[0])  # nothing to add in one process
     total = 0.0
     for mb in micro_batches:
         mb = {k: v.to(device) for k, v in mb.items()}
