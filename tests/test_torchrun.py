@@ -19,9 +19,9 @@ import lora
 import model as M
 import train
 from conftest import run_main
+from test_train import small_run as train_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "config.yaml")
 
 # Runs train.main() as torchrun's worker, with two test hooks. On ranks other than 0 an audit hook notes
 # every file this process creates, opens for writing, renames or deletes under the output directory, and the
@@ -63,23 +63,8 @@ if written:
 
 
 def small_run(cache_dir, out_dir, *extra):
-    """A run of 6 steps on the tiny model and a slice of the demo data, checkpoints at steps 3 and 6."""
-    return [
-        CONFIG,
-        f"model.cache_dir={cache_dir}",
-        f"train.output_dir={out_dir}",
-        "train.max_steps=6",
-        "train.batch_size=4",
-        "train.eval_every=3",
-        "train.save_every=3",
-        "train.keep_checkpoints=5",
-        "train.log_every=1",
-        "train.warmup_steps=2",
-        "train.eval_max_new_tokens=4",
-        f"data.train_file={os.path.join(ROOT, 'data/clients/fr.json')}",
-        "data.eval_fraction=0.05",
-        *extra,
-    ]
+    """test_train's run of 6 steps (checkpoints at 3 and 6), all checkpoints kept, short eval answers."""
+    return train_run(cache_dir, out_dir, "train.keep_checkpoints=5", "train.eval_max_new_tokens=4", *extra)
 
 
 def torchrun(tmp_path, name, argv, crash_at_step=0, timeout=300):
