@@ -817,7 +817,7 @@ def all_min(value: int) -> int:
 
 
 def sync_gradients(params: list[nn.Parameter], loss: float) -> float:
-    """Sum the adapter gradients, and the step's loss, over the ranks, in place; return the summed loss.
+    """Replace each adapter gradient by its sum over the ranks; return the step's loss summed likewise.
 
     Each rank divided its loss by the labelled tokens of every rank's micro-batches (train_step), so the
     sum is the gradient of the mean loss over the whole step: what one process computes from the same
@@ -827,8 +827,8 @@ def sync_gradients(params: list[nn.Parameter], loss: float) -> float:
     161 MB for Qwen2.5-7B at r = 16 on all seven projections), after the last micro-batch. Why not
     DistributedDataParallel: DDP overlaps its all-reduce with the backward pass, bucket by bucket, which
     pays when the gradients are the model's billions of weights; for the adapters it saves little, and
-    under gradient accumulation DDP too syncs only on the last micro-batch (no_sync() before). Without it
-    the model stays unwrapped (no .module, no static_graph for gradient checkpointing), and the loss rides
+    under gradient accumulation DDP too must sync on the last micro-batch only (no_sync() before it).
+    Without DDP the model stays unwrapped (no .module between the loop and the model), and the loss rides
     in the same message.
     """
     if rank_and_world()[1] == 1:
