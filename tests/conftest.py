@@ -16,6 +16,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several pytest-xdist workers
     torch.set_num_threads(1)  # spinning OpenMP threads fight over the cores and everything runs slower
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--superlink-delay", type=float, default=0.0, metavar="SECONDS",
+        help="tests/test_flower.py: start each SuperLink this much later, as a slow machine would",
+    )  # fmt: skip
+
+
 def pytest_collection_modifyitems(items):
     """The Flower deployments first: they spend minutes mostly waiting on the network, so with
     `pytest -n 3` (pytest-xdist) each gets a worker at once while the others run the rest beside them."""

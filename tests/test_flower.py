@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -110,12 +111,15 @@ def signal_if_same(processes, sig):
 
 
 class Deployment:
-    """A SuperLink and SuperNodes on free loopback ports, each in its own process group, stopped by it."""
+    """A SuperLink and SuperNodes on free loopback ports, each in its own process group, stopped by it.
+    Nothing waits a fixed time: superlink() returns once the SuperLink completes a TLS handshake,
+    supernodes() once the SuperLink lists each of them online; `flwr run` retries neither."""
 
-    def __init__(self, tmp, certs):
+    def __init__(self, tmp, certs, superlink_delay=0.0):
         self.tmp, self.certs, self.procs = tmp, certs, {}
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0"}
         self.port = free_port()
+        self.superlink_delay = superlink_delay  # pytest --superlink-delay: a slow machine's start, simulated
 
     def start(self, name, argv):
         home = self.tmp / f"home_{name}"
@@ -124,11 +128,41 @@ class Deployment:
         env = {**self.env, "FLWR_HOME": str(home)}
         self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def logs(self):
+        """The end of every process's log, for a failure message."""
+        return "\n".join(
+            f"--- {p.name} (end)\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.tmp.glob("*.log"))
+        )
+
+    def wait_for(self, what, ready, timeout=180):
+        """Poll ready() until it is true; fail with every log if a process exits or the deadline passes."""
+        deadline = time.time() + timeout
+        while not ready():
+            dead = [f"{n} (exit {p.returncode})" for n, p in self.procs.items() if p.poll() is not None]
+            if dead or time.time() > deadline:
+                why = f"{', '.join(dead)} exited" if dead else f"not within {timeout} s"
+                pytest.fail(f"waiting for {what}: {why}\n{self.logs()}")
+            time.sleep(0.5)
+
     def superlink(self):
-        self.start("superlink", [os.path.join(BIN, "flower-superlink"), "--ssl-ca-certfile", self.certs["ca.crt"],
-                                 "--ssl-certfile", self.certs["server.crt"], "--ssl-keyfile", self.certs["server.key"],
-                                 "--host", "127.0.0.1", "--port", str(self.port),
-                                 "--disable-runtime-dependency-installation"])  # fmt: skip
+        """Start the SuperLink; return once it accepts a TLS connection on its port (certificate verified)."""
+        argv = [os.path.join(BIN, "flower-superlink"), "--ssl-ca-certfile", self.certs["ca.crt"],
+                "--ssl-certfile", self.certs["server.crt"], "--ssl-keyfile", self.certs["server.key"],
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]  # fmt: skip
+        if self.superlink_delay:
+            argv = ["sh", "-c", f'sleep {self.superlink_delay}; exec "$@"', "sh", *argv]
+        self.start("superlink", argv)
+        self.wait_for(f"the SuperLink on 127.0.0.1:{self.port}", self.accepts_tls)
+
+    def accepts_tls(self):
+        context = ssl.create_default_context(cafile=self.certs["ca.crt"])
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                context.wrap_socket(s, server_hostname="127.0.0.1").close()  # the handshake, then nothing
+            return True
+        except OSError:  # refused (not listening yet), reset, timed out; ssl.SSLError is an OSError
+            return False
 
     def supernode(self, site, state_dir):
         data = os.path.join(ROOT, "data/clients", f"{site}.json")
@@ -136,6 +170,34 @@ class Deployment:
                                          f"127.0.0.1:{self.port}", "--root-certificates", self.certs["ca.crt"],
                                          "--host", "127.0.0.1", "--port", str(free_port()), "--node-config",
                                          f"client='{site}' data-file='{data}' state-dir='{state_dir}'"])  # fmt: skip
+
+    def supernodes(self, sites, state):
+        """Start one SuperNode per site (state-dir state/<site>); return once the SuperLink lists that many
+        nodes online."""
+        for site in sites:
+            self.supernode(site, state / site)
+        self.wait_for(f"{len(sites)} SuperNodes online", lambda: self.nodes_online() >= len(sites))
+
+    def nodes_online(self):
+        """How many nodes the SuperLink lists online (`flwr supernode list`, its JSON output)."""
+        argv = [os.path.join(BIN, "flwr"), "supernode", "list", "test", "--format", "json"]
+        env = {**self.env, "FLWR_HOME": str(self.cli_home())}
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+            nodes = json.loads(done.stdout)["nodes"]
+        except (subprocess.TimeoutExpired, ValueError, KeyError):  # no answer or no JSON yet: not ready
+            return 0
+        return sum(node["status"] == "online" for node in nodes)
+
+    def cli_home(self):
+        """The FLWR_HOME of `flwr` (run, supernode list): its config.toml names this SuperLink as "test"."""
+        home = self.tmp / "home_cli"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs["ca.crt"]}"\ninsecure = false\n'
+        )
+        return home
 
     def kill(self, name, sig=signal.SIGKILL):
         """Stop a process, its process group and every process below it: Flower starts its ServerApp and
@@ -155,12 +217,7 @@ class Deployment:
 
     def start_run(self, overrides, resume=False):
         """Start `flwr run` of this repository's app against the SuperLink (its output in run.log)."""
-        home = self.tmp / "home_cli"
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs["ca.crt"]}"\ninsecure = false\n'
-        )
+        home = self.cli_home()
         run_config = f"overrides={json.dumps(' '.join(shlex.quote(o) for o in overrides))} resume={str(resume).lower()}"
         argv = [os.path.join(BIN, "flwr"), "run", ROOT, "test", "--stream", "--run-config", run_config]
         log = open(self.tmp / "run.log", "ab")  # noqa: SIM115 (closed with the process)
@@ -183,8 +240,8 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(tmp_path):
-    d = Deployment(tmp_path, make_certificates(tmp_path))
+def deployment(tmp_path, request):
+    d = Deployment(tmp_path, make_certificates(tmp_path), request.config.getoption("superlink_delay"))
     try:
         yield d
     finally:
@@ -213,8 +270,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     node id) is found again and trains from its state-dir, which holds nothing of round 1."""
     out, state = tmp_path / "dep", tmp_path / "state"
     deployment.superlink()
-    for site in ("fr", "es"):
-        deployment.supernode(site, state / site)
+    deployment.supernodes(["fr", "es"], state)
     timeout = 60
     deployment.start_run([*job(cache_dir, out, ["fr", "es"]), f"federated.round_timeout={timeout}"])
     deadline = time.time() + 300
@@ -251,8 +307,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(dp, deplo
 
     def start():
         deployment.superlink()
-        for site in ("fr", "de"):
-            deployment.supernode(site, state / site)
+        deployment.supernodes(["fr", "de"], state)
 
     start()
     deployment.start_run(job_(dep, ["fr", "de"]))
