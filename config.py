@@ -49,7 +49,7 @@ DEFAULTS: Config = {
         field_map={},
         system_prompt=None,
         max_seq_len=1024,
-        train_on_prompt=False,
+        train_on="assistant",
         group_by_length=True,
         clients=None,
         partition="iid",
@@ -96,6 +96,10 @@ DEFAULTS: Config = {
         dp_max_epsilon=None,
     ),
 }
+REPLACED = {  # keys of earlier versions: the line that says what took their place
+    "data.train_on_prompt": "data.train_on_prompt was replaced by data.train_on: true is train_on=all, "
+    "false is train_on=assistant (or last: the final assistant turn only)",
+}
 WORDS = {"train.batch_size": "auto", "lora.target_modules": "all-linear"}  # keys that also take one word
 NULLABLE = {  # keys whose default is None
     "data.eval_file": str,
@@ -108,6 +112,7 @@ CHOICES = {
     "model.compute_dtype": ("auto", *M.DTYPES),
     "model.attention": M.ATTENTIONS,
     "data.partition": ("iid", "dirichlet"),
+    "data.train_on": D.TRAIN_ON,
     "federated.mode": ("alternating", "joint", "global_only"),
     "federated.server_optimizer": ("fedavg", "fedavgm", "fedadam"),
     "federated.sampling": ("auto", "fixed", "poisson"),
@@ -210,6 +215,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
 
 def _set(cfg: Config, key: str, value: Any, where: str) -> None:
     section, _, name = key.partition(".")
+    if key in REPLACED:
+        raise ConfigError(f"{where}: {REPLACED[key]}")
     if section not in DEFAULTS or name not in DEFAULTS[section]:
         close = difflib.get_close_matches(key, keys(), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else ""

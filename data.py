@@ -1,28 +1,39 @@
-r"""Instruction data for causal-LM fine-tuning: load, render, tokenize, batch, split and partition.
+r"""Instruction and chat data for causal-LM fine-tuning: load, render, tokenize, batch, split and partition.
 
-A record is Alpaca-style, {"instruction", "input" (optional), "output"}, plus the optional "category" and
-"client" of the federated demo, in a JSON list (.json) or JSON lines (.jsonl); field_map reads other
-schemas (Dolly's context/response). One example is a prompt followed by a response:
+Three record formats, JSON list (.json) or JSON lines (.jsonl), detected per file (one format a file):
 
-    prompt   = render_prompt(tok, instruction, input)  # up to where the answer begins
-    response = render_response(tok, output)            # the answer and the end-of-turn marker
+    Alpaca   {"instruction": "...", "input": "..." (optional), "output": "..."}
+    OpenAI   {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+    ShareGPT {"conversations": [{"from": "system" | "human" | "gpt", "value": "..."}, ...]}
 
-With a chat template (Qwen's ChatML) that is, prompt | response:
+plus optional top-level fields ("category", "client": the federated demo's). field_map reads other column
+and role names. An Alpaca record is a one-turn conversation: user = instruction (+ "\n\n" + input),
+assistant = output. Every record becomes a list of messages and is rendered by the tokenizer's own chat
+template (or, without one, by the Alpaca template, render_alpaca), then cut into pieces:
 
-    <|im_start|>user\n{instruction}\n\n{input}<|im_end|>\n<|im_start|>assistant\n | {output}<|im_end|>\n
+    segments(tok, messages) -> [(text, False), (text, True), (text, False), (text, True), ...]
 
-and without one the Alpaca template ("### Instruction: ... ### Response:\n" | output + eos_token).
-infer.py calls render_prompt too, so the model is prompted at inference exactly as it was trained.
+A True piece is what an assistant turn adds to the text: its content and whatever the template closes
+the turn with (ChatML `<|im_end|>\n`, Llama 3 `<|eot_id|>`, Gemma `<end_of_turn>\n`, Mistral `</s>`).
+It is found without template-specific code, by rendering the conversation prefix by prefix:
 
-    input_ids = encode(prompt) + encode(response)
-    labels    = [-100] * len(encode(prompt)) + encode(response)
+    before = render(messages[:i], add_generation_prompt=True)   # up to where turn i's answer begins
+    through = render(messages[:i + 1])                          # ... and with turn i
+    full = render(messages)                                     # must start with every `before`
 
--100 is the ignore_index of F.cross_entropy: those positions add nothing to the loss, so the model learns
-to write the answer, not to model the prompt. labels are aligned with input_ids; the loss shifts them by
-one (logits[:, :-1] predict labels[:, 1:]). Prompt and response are encoded separately (with
-add_special_tokens=False: the template text already holds any BOS) because BPE may merge characters
-across the boundary; apart, the mask boundary is exact and the prompt ids are the very ids that
-generation starts from.
+Turn i's piece is where `through` and `full` agree after `before` (a template may close a finished
+conversation with an extra token, e.g. Phi-3's eos). A template that renders earlier turns differently once
+later turns follow is refused: its labels could not be trusted. Each piece is encoded on its own
+(add_special_tokens=False: the template already wrote any BOS), so piece boundaries are token boundaries,
+and the ids of everything before the last answer are the very ids that generation starts from:
+
+    input_ids = encode(piece 0) + encode(piece 1) + ...
+    labels    = the ids of the trained pieces, -100 elsewhere    (data.train_on: assistant | last | all)
+
+-100 is the ignore_index of F.cross_entropy: those positions add nothing to the loss. Labels come from
+the pieces alone, never from comparing ids with the pad id (a pad token equal to EOS, as in Llama 3 and
+SmolLM2, would otherwise mask the end of every turn and the model would never learn to stop). labels are
+aligned with input_ids; the loss shifts them by one (logits[:, :-1] predict labels[:, 1:]).
 """
 
 import json
@@ -30,7 +41,7 @@ import os
 import random
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,8 +50,23 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
-FIELDS = ("instruction", "input", "output", "category", "client")
+FIELDS = ("instruction", "input", "output", "category", "client")  # an Alpaca record's
 REQUIRED = ("instruction", "output")
+ROLES = ("system", "user", "assistant")
+# field_map's keys beyond FIELDS: the lists' names, the message keys of each format, and extra role names
+CHAT_FIELDS = ("messages", "conversations", "role", "content", "from", "value")
+ROLE_NAMES = {  # a file's role name -> ours; ShareGPT's, and those of other chat logs found in the wild
+    **{r: r for r in ROLES},
+    "human": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
+TRAIN_ON = ("assistant", "last", "all")
+FORMAT_NAMES = {"alpaca": "Alpaca", "messages": "OpenAI messages", "conversations": "ShareGPT conversations"}
+
+Record = dict[str, Any]  # an Alpaca record's strings, or {"messages": [...]} plus top-level fields
 
 
 class DataError(ValueError):
@@ -50,24 +76,32 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_records(path: str | os.PathLike[str], field_map: Mapping[str, str] | None = None) -> list[dict[str, str]]:
-    """Read Alpaca-style records from a JSON list or a JSON-lines file.
+def load_records(path: str | os.PathLike[str], field_map: Mapping[str, Any] | None = None) -> list[Record]:
+    """Read Alpaca, OpenAI-messages or ShareGPT records from a JSON list or a JSON-lines file.
 
     Args:
         path: a .json file holding a list of objects, or a .jsonl file with one object per line
             (a .json file whose lines are each an object is read as JSON lines too).
-        field_map: our field name -> the file's, e.g. Dolly's
-            {"instruction": "instruction", "input": "context", "output": "response"}.
+        field_map: our name -> the file's, e.g. Dolly's {"input": "context", "output": "response"}, or
+            {"messages": "dialog"}; "roles" maps role names, e.g. {"roles": {"bot": "assistant"}}.
     Returns:
-        dicts with keys instruction, input ("" if absent), output, and category, client where present.
+        Alpaca: dicts with keys instruction, input ("" if absent), output, and category, client where
+        present. Chat: {"messages": [{"role", "content"}, ...]} ending with an assistant turn, plus the
+        record's other top-level strings and numbers. Each also has "_where" (file and record number).
     Raises:
         DataError: naming the file and the record (counted from 1) or line.
     """
     path = str(path)
-    unknown = sorted(set(field_map or {}) - set(FIELDS))
+    field_map = dict(field_map or {})
+    roles = field_map.pop("roles", None) or {}
+    unknown = sorted(set(field_map) - set(FIELDS) - set(CHAT_FIELDS))
     if unknown:
-        raise DataError(f"field_map: unknown field {unknown[0]!r}; known fields: {', '.join(FIELDS)}")
-    names = {**{f: f for f in FIELDS}, **(field_map or {})}  # our name -> the file's name
+        known = ", ".join((*FIELDS, *CHAT_FIELDS, "roles"))
+        raise DataError(f"field_map: unknown field {unknown[0]!r}; known fields: {known}")
+    if not isinstance(roles, dict) or any(r not in ROLES for r in roles.values()):
+        raise DataError(f"field_map.roles: expected {{file's role: {' | '.join(ROLES)}}}, got {roles!r}")
+    names = {**{f: f for f in (*FIELDS, *CHAT_FIELDS)}, **field_map}  # our name -> the file's name
+    role_names = {**ROLE_NAMES, **roles}
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     try:
@@ -80,7 +114,22 @@ def load_records(path: str | os.PathLike[str], field_map: Mapping[str, str] | No
     raw = _read_json_lines(path, text) if _is_json_lines(path, text) else _read_json_list(path, text)
     if not raw:
         raise DataError(f"{path}: no records")
-    return [_normalise(obj, f"{path}, {where}", names) for where, obj in raw]
+    records, first = [], None  # first: (format, place) of the first record
+    for place, obj in raw:
+        where = f"{path}, {place}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {_type(obj)}")
+        kind = next((k for k in ("messages", "conversations") if names[k] in obj), "alpaca")
+        first = first or (kind, place)
+        if kind != first[0]:
+            raise DataError(
+                f"{where}: {FORMAT_NAMES[kind]} format, but {first[1]} is {FORMAT_NAMES[first[0]]}; one format per file"
+            )
+        record = (
+            _normalise(obj, where, names) if kind == "alpaca" else _conversation(obj, where, kind, names, role_names)
+        )
+        records.append({**record, "_where": where})
+    return records
 
 
 def _is_json_lines(path: str, text: str) -> bool:
@@ -117,9 +166,7 @@ def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
     return [(f"record {i}", obj) for i, obj in enumerate(data, start=1)]
 
 
-def _normalise(obj: object, where: str, names: dict[str, str]) -> dict[str, str]:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type(obj)}")
+def _normalise(obj: dict, where: str, names: dict[str, str]) -> dict[str, str]:
     record = {}
     for field in FIELDS:
         name = names[field]
@@ -138,11 +185,46 @@ def _normalise(obj: object, where: str, names: dict[str, str]) -> dict[str, str]
     return record
 
 
+def _conversation(obj: dict, where: str, kind: str, names: dict[str, str], role_names: dict[str, str]) -> Record:
+    """{"messages": [...]} up to the last assistant turn (later turns have nothing to train), plus the
+    record's other top-level scalar fields (a partition key, say)."""
+    turns, (role_key, content_key) = (
+        obj[names[kind]],
+        ((names["role"], names["content"]) if kind == "messages" else (names["from"], names["value"])),
+    )
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f'{where}: field "{names[kind]}" must be a non-empty list of messages')
+    messages = []
+    for k, m in enumerate(turns, start=1):
+        at = f"{where}, message {k}"
+        if not isinstance(m, dict):
+            raise DataError(f"{at}: expected a JSON object, got {_type(m)}")
+        for key in (role_key, content_key):
+            if not isinstance(m.get(key), str):
+                got = "missing" if key not in m else f"must be a string, got {_type(m[key])}"
+                raise DataError(f'{at}: field "{key}" {got}')
+        if m[role_key] not in role_names:
+            raise DataError(
+                f'{at}: unknown role "{m[role_key]}"; known: {", ".join(role_names)} (data.field_map.roles maps others)'
+            )
+        role = role_names[m[role_key]]
+        if not m[content_key].strip():
+            raise DataError(f'{at}: field "{content_key}" is empty')
+        if role == "system" and k > 1:
+            raise DataError(f"{at}: a system message after the first turn")
+        messages.append({"role": role, "content": m[content_key]})
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{where}: no assistant turn, so nothing to train on")
+    extra = {k: v for k, v in obj.items() if k != names[kind] and isinstance(v, (str, int, float, bool))}
+    return {**extra, "messages": messages[: last + 1]}
+
+
 def _type(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-# ----------------------------------------------------------------------------- prompts and tokens
+# ----------------------------------------------------------------------------- messages and rendering
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -153,39 +235,110 @@ ALPACA_PREAMBLE_INPUT = (
 )
 
 
+def to_messages(record: Record, system_prompt: str | None = None, chat_template: bool = True) -> list[dict[str, str]]:
+    """The record as chat messages; system_prompt goes first unless the record has a system message.
+
+    An Alpaca record is one exchange, user = instruction + "\n\n" + input. Without a chat template
+    (chat_template False) it keeps the Alpaca template's own "### Input:" section and preamble.
+    """
+    if "messages" in record:
+        messages = record["messages"]
+        has_system = messages[0]["role"] == "system"
+        return (
+            messages if has_system or not system_prompt else [{"role": "system", "content": system_prompt}, *messages]
+        )
+    instruction, input = record["instruction"], record.get("input", "")
+    if chat_template:
+        system, user = system_prompt, instruction + ("\n\n" + input if input else "")
+    else:
+        system = system_prompt or (ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE)
+        user = instruction + ("\n\n### Input:\n" + input if input else "")
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user})
+    if "output" in record:
+        messages.append({"role": "assistant", "content": record["output"]})
+    return messages
+
+
+def render_alpaca(messages: Sequence[dict[str, str]], add_generation_prompt: bool, bos: str, eos: str) -> str:
+    """The Alpaca template, for tokenizers without a chat template; several turns continue it:
+
+    {bos}{system, or the Alpaca preamble}\n\n### Instruction:\n{user}\n\n### Response:\n{assistant}{eos}
+    \n\n### Instruction:\n{user}\n\n### Response:\n{assistant}{eos} ...
+
+    We write the BOS ourselves, for models that expect one (Llama); the EOS ends each answer.
+    """
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else messages
+    text = bos + (system or ALPACA_PREAMBLE) + "\n\n"
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            text += ("\n\n" if i else "") + f"### Instruction:\n{m['content']}\n\n"
+        else:
+            text += f"### Response:\n{m['content']}{eos}"
+    return text + ("### Response:\n" if add_generation_prompt else "")
+
+
+def render(
+    tokenizer: "PreTrainedTokenizerBase", messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
+) -> str:
+    """The messages as text: the tokenizer's chat template, else render_alpaca."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if tokenizer.eos_token is None:
+        raise ValueError("tokenizer has no eos_token, which ends every response of the Alpaca template")
+    return render_alpaca(messages, add_generation_prompt, tokenizer.bos_token or "", tokenizer.eos_token)
+
+
 def render_prompt(
     tokenizer: "PreTrainedTokenizerBase", instruction: str, input: str = "", system_prompt: str | None = None
 ) -> str:
-    """The prompt text up to where the assistant's answer begins (its generation prompt)."""
-    if tokenizer.chat_template:
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": instruction + ("\n\n" + input if input else "")})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    preamble = system_prompt or (ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE)
-    text = f"{preamble}\n\n### Instruction:\n{instruction}\n\n"
-    if input:
-        text += f"### Input:\n{input}\n\n"
-    # chat templates write BOS themselves; here we must, for models that expect one (Llama)
-    return (tokenizer.bos_token or "") + text + "### Response:\n"
+    """The prompt of a one-turn exchange, up to where the assistant's answer begins (infer.py --prompt)."""
+    record = {"instruction": instruction, "input": input}
+    return render(tokenizer, to_messages(record, system_prompt, bool(tokenizer.chat_template)), True)
 
 
-def render_response(tokenizer: "PreTrainedTokenizerBase", output: str) -> str:
-    """The text after the prompt: the answer and whatever closes the assistant's turn."""
-    if not tokenizer.chat_template:
-        if tokenizer.eos_token is None:
-            raise ValueError("tokenizer has no eos_token, which ends every response of the Alpaca template")
-        return output + tokenizer.eos_token
-    # Only the template knows how an assistant turn ends (<|im_end|>\n for ChatML, <|eot_id|> for Llama 3):
-    # render a conversation with and without the answer and keep what the answer added.
-    messages = [{"role": "user", "content": "?"}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": output}], tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError(
-            "the chat template renders an answered conversation that does not start with its "
-            "generation prompt, so prompt and response cannot be split"
-        )
-    return full[len(prompt) :]
+def segments(tokenizer: "PreTrainedTokenizerBase", messages: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered conversation in consecutive pieces (text, is an assistant turn); see the module doc.
+
+    Raises:
+        ValueError: the template renders the text before an assistant turn differently once later
+            turns follow, or does not write the turn's content where the turn begins.
+    """
+    full = render(tokenizer, messages)
+    specials = list(tokenizer.get_added_vocab())
+    pieces, done, turn = [], 0, 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        turn += 1
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        if not full.startswith(before) or len(before) < done:
+            raise ValueError(
+                f"the chat template renders the conversation before assistant turn {turn} differently once "
+                "later turns follow (it rewrites earlier turns), so the trained tokens cannot be found"
+            )
+        through = render(tokenizer, messages[: i + 1])[len(before) :]
+        end = _snap(full, len(before) + len(os.path.commonprefix([through, full[len(before) :]])), specials)
+        if m["content"].strip() not in full[len(before) : end]:
+            raise ValueError(f"the chat template does not write assistant turn {turn} where its answer begins")
+        pieces += [(full[done : len(before)], False), (full[len(before) : end], True)]
+        done = end
+    pieces.append((full[done:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def _snap(text: str, end: int, specials: list[str]) -> int:
+    """`end` moved back to the start of any special token it falls inside (`<|` of Phi-3's `<|user|>`
+    agrees with `<|` of its eos `<|endoftext|>`: a piece never ends inside a special token)."""
+    moved = True
+    while moved:
+        moved = False
+        for s in specials:
+            i = text.find(s, max(end - len(s) + 1, 0))
+            if 0 <= i < end:
+                end, moved = i, True
+    return end
 
 
 def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
@@ -195,38 +348,89 @@ def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
 
 def tokenize_example(
     tokenizer: "PreTrainedTokenizerBase",
-    record: dict[str, str],
+    record: Record,
     max_seq_len: int = 1024,
     system_prompt: str | None = None,
-    train_on_prompt: bool = False,
+    train_on: str = "assistant",
 ) -> dict[str, list[int]] | None:
-    """{"input_ids", "labels"} of one record, cut to max_seq_len; None if the prompt alone fills it."""
-    prompt = encode(tokenizer, render_prompt(tokenizer, record["instruction"], record.get("input", ""), system_prompt))
-    response = encode(tokenizer, render_response(tokenizer, record["output"]))
-    if len(prompt) >= max_seq_len:
-        return None  # not one answer token would survive truncation: nothing to learn
-    labels = (prompt if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response
-    return {"input_ids": (prompt + response)[:max_seq_len], "labels": labels[:max_seq_len]}
+    """{"input_ids", "labels"} of one record, cut to max_seq_len; None if no trained token survives the cut.
+
+    train_on: "assistant" (every assistant turn), "last" (the final one) or "all" (every token).
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    pieces = segments(tokenizer, to_messages(record, system_prompt, bool(tokenizer.chat_template)))
+    last = max(k for k, (_, is_answer) in enumerate(pieces) if is_answer)
+    input_ids, labels = [], []
+    for k, (text, is_answer) in enumerate(pieces):
+        ids = encode(tokenizer, text)
+        trained = train_on == "all" or (is_answer and (train_on == "assistant" or k == last))
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels[1:]):  # labels[0] is never predicted
+        return None  # not one trained token survives the cut: nothing to learn
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def tokenize_records(
     tokenizer: "PreTrainedTokenizerBase",
-    records: Iterable[dict[str, str]],
+    records: Iterable[Record],
     max_seq_len: int,
     system_prompt: str | None = None,
-    train_on_prompt: bool = False,
+    train_on: str = "assistant",
     name: str = "train",
 ) -> list[dict[str, list[int]]]:
-    """tokenize_example over records; reports in one line how many were dropped."""
-    examples = [tokenize_example(tokenizer, r, max_seq_len, system_prompt, train_on_prompt) for r in records]
+    """tokenize_example over records; reports in one line how many were dropped.
+
+    Raises:
+        DataError: a record the chat template cannot render or split into turns, named by its file and place.
+    """
+    examples = [
+        _named(tokenize_example, tokenizer, r, i, name, max_seq_len, system_prompt, train_on)
+        for i, r in enumerate(records, 1)
+    ]
     kept = [e for e in examples if e is not None]
     if len(kept) < len(examples):
         print(
-            f"warning: {name}: dropped {len(examples) - len(kept)} of {len(examples)} examples whose prompt "
-            f"fills max_seq_len={max_seq_len}",
+            f"warning: {name}: dropped {len(examples) - len(kept)} of {len(examples)} examples with no trained "
+            f"token within max_seq_len={max_seq_len}",
             file=sys.stderr,
         )
     return kept
+
+
+def prompt_ids(tokenizer: "PreTrainedTokenizerBase", record: Record, system_prompt: str | None = None) -> list[int]:
+    """The ids the record's last assistant turn is answered from (everything before it), as in training."""
+    pieces = segments(tokenizer, to_messages(record, system_prompt, bool(tokenizer.chat_template)))
+    last = max(k for k, (_, is_answer) in enumerate(pieces) if is_answer)
+    return [i for text, _ in pieces[:last] for i in encode(tokenizer, text)]
+
+
+def prompts(
+    tokenizer: "PreTrainedTokenizerBase", records: Iterable[Record], system_prompt: str | None = None
+) -> list[list[int]]:
+    """prompt_ids of each record.
+
+    Raises:
+        DataError: a record the chat template cannot render or split into turns, named by its file and place.
+    """
+    return [_named(prompt_ids, tokenizer, r, i, "prompts", system_prompt) for i, r in enumerate(records, 1)]
+
+
+def _named(fn: Any, tokenizer: "PreTrainedTokenizerBase", record: Record, i: int, name: str, *args: Any) -> Any:
+    """fn(tokenizer, record, *args), its template errors turned into a DataError naming the record."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2; raise_exception raises this
+
+    try:
+        return fn(tokenizer, record, *args)
+    except (TemplateError, ValueError) as e:
+        raise DataError(f"{record.get('_where', f'{name} record {i}')}: {e}") from None
+
+
+def reference(record: Record) -> str:
+    """The answer a model is scored against: the output, or the last assistant turn's content."""
+    return record["messages"][-1]["content"] if "messages" in record else record["output"]
 
 
 # ----------------------------------------------------------------------------- batches
@@ -507,7 +711,48 @@ def make_demo(out_dir: str | os.PathLike[str] = "data", seed: int = 0) -> list[d
     return single
 
 
-def _write_json(path: str, records: list[dict[str, str]]) -> None:
+LANGUAGES = ("French", "German", "Spanish", "Italian")  # CLIENTS' languages, in TRANSLATE's order
+OPENERS = ("Speak {}.", "In {}, please.", "We speak {}.", "Use {}.")
+ACKS = ("Oui.", "Ja.", "Sí.", "Sì.")  # "yes", in each language
+
+
+def make_chat_demo(out_dir: str | os.PathLike[str] = "data", seed: int = 0) -> list[dict[str, Any]]:
+    """Write out_dir/chat_demo.json: conversations whose last answer depends on their first turn.
+
+    The user names a language (French, German, Spanish or Italian; the assistant agrees in it), asks
+    for an opposite or not, and finally asks for a word in "our language". The last question alone
+    ("How do we say cat?") has four right answers, one per language: only a model that reads the history
+    answers it. Every (language, word, phrasing of the question) twice, with other openers and questions
+    in between, so a held-out conversation asks what the model saw only in other conversations. OpenAI
+    `messages` records, with a "category" (the language) for the federated partition.
+    """
+    rng = random.Random(f"chat:{seed}")
+    opposites = _shared_facts("opposite")
+    records = []
+    for lang, (language, ack) in enumerate(zip(LANGUAGES, ACKS, strict=True)):
+        for word, words in TRANSLATE.items():
+            for template in TEMPLATES["translate"] * 2:
+                messages = [
+                    {"role": "user", "content": rng.choice(OPENERS).format(language)},
+                    {"role": "assistant", "content": ack},
+                ]
+                if rng.random() < 1 / 3:  # a question in between: the language is two turns back
+                    text, answer = rng.choice(opposites)
+                    messages += [
+                        {"role": "user", "content": rng.choice(TEMPLATES["opposite"]).format(text)},
+                        {"role": "assistant", "content": answer},
+                    ]
+                messages += [
+                    {"role": "user", "content": template.format(word)},
+                    {"role": "assistant", "content": words[lang]},
+                ]
+                records.append({"messages": messages, "category": CLIENTS[lang]})
+    rng.shuffle(records)
+    _write_json(os.path.join(out_dir, "chat_demo.json"), records)
+    return records
+
+
+def _write_json(path: str, records: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(records, indent=1, ensure_ascii=False) + "\n")  # pretty, and diffs well
 
@@ -524,5 +769,8 @@ def demo_texts(out_dir: str | os.PathLike[str] = "data") -> list[str]:
 if __name__ == "__main__":
     # python data.py: regenerate the committed demo files next to this script
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-    records = make_demo(out_dir)
-    print(f"wrote {out_dir}/demo.json ({len(records)} records) and the files of {len(CLIENTS)} clients")
+    records, chats = make_demo(out_dir), make_chat_demo(out_dir)
+    print(
+        f"wrote {out_dir}/demo.json ({len(records)} records), the files of {len(CLIENTS)} clients and "
+        f"{out_dir}/chat_demo.json ({len(chats)} conversations)"
+    )

@@ -55,7 +55,7 @@ VIEWS = {"global": ["global"], "local": ["local"], "global+local": ["global", "l
 # Clients
 
 
-def load_clients(cfg: C.Config) -> dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]:
+def load_clients(cfg: C.Config) -> dict[str, tuple[list[D.Record], list[D.Record]]]:
     """{name: (train records, eval records)}: one file per client (data.clients), or train_file split."""
     dc, seed = cfg["data"], cfg["train"]["seed"]
     field_map = dc["field_map"] or None
@@ -73,13 +73,19 @@ def load_clients(cfg: C.Config) -> dict[str, tuple[list[dict[str, str]], list[di
     return {name: D.split_eval(recs, dc["eval_fraction"], seed) for name, recs in zip(names, parts, strict=True)}
 
 
-def conflicting_prompts(clients: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) -> set[tuple[str, str]]:
-    """The (instruction, input) pairs that two clients answer differently."""
+def conflicting_prompts(clients: dict[str, tuple[list[D.Record], list[D.Record]]]) -> set[str]:
+    """The prompts (prompt_key) that two clients answer differently."""
     answers = {}
     for train_recs, eval_recs in clients.values():
         for r in train_recs + eval_recs:
-            answers.setdefault((r["instruction"], r["input"]), set()).add(r["output"])
+            answers.setdefault(prompt_key(r), set()).add(D.reference(r))
     return {prompt for prompt, outs in answers.items() if len(outs) > 1}
+
+
+def prompt_key(record: D.Record) -> str:
+    """What a record asks: its instruction and input, or a conversation up to its last answer (as JSON)."""
+    asked = record["messages"][:-1] if "messages" in record else [record["instruction"], record["input"]]
+    return json.dumps(asked, ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,9 +207,9 @@ def is_finite(state: dict[str, torch.Tensor]) -> bool:
 def evaluate_client(
     model: nn.Module,
     tok: "PreTrainedTokenizerBase",
-    records: list[dict[str, str]],
+    records: list[D.Record],
     examples: list[train.Example],
-    conflicts: set[tuple[str, str]],
+    conflicts: set[str],
     cfg: C.Config,
     device: torch.device,
     dtype: torch.dtype,
@@ -212,8 +218,8 @@ def evaluate_client(
     metrics = train.evaluate(model, examples, cfg["train"]["batch_size"], tok.pad_token_id, device, dtype)
     greedy = dict(max_new_tokens=cfg["federated"]["max_new_tokens"], temperature=0.0, top_p=1.0)
     answers = infer.predict(model, tok, records, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False)
-    hits = [infer.exact_match(a, r["output"]) for a, r in zip(answers, records, strict=True)]
-    in_conflict = [(r["instruction"], r["input"]) in conflicts for r in records]
+    hits = [infer.exact_match(a, D.reference(r)) for a, r in zip(answers, records, strict=True)]
+    in_conflict = [prompt_key(r) in conflicts for r in records]
     n_conflict = sum(in_conflict)
     return {
         "eval_loss": metrics["eval_loss"],
@@ -262,7 +268,7 @@ def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
 # the coordinator: it never sees a data file or a local adapter. The serial simulation (main below) and
 # the Flower app (flower_app.py) drive the same two.
 
-Records = list[dict[str, str]]
+Records = list[D.Record]
 
 
 class Client:
@@ -313,7 +319,7 @@ class Client:
         return upload, len(self.examples[0]), loss
 
     def evaluate(
-        self, global_state: dict[str, torch.Tensor], conflicts: set[tuple[str, str]] = frozenset()
+        self, global_state: dict[str, torch.Tensor], conflicts: set[str] = frozenset()
     ) -> dict[str, dict[str, float | None]]:
         """{view: metrics} on this client's eval split for the views global, local and global+local (global
         only without a local adapter); `conflicts` are the prompts other clients answer differently."""
@@ -586,7 +592,7 @@ def check_sampling(cfg: C.Config, n_clients: int) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-def check(cfg: C.Config, clients: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]]) -> None:
+def check(cfg: C.Config, clients: dict[str, tuple[list[D.Record], list[D.Record]]]) -> None:
     """The federated settings that depend on the clients."""
     check_sampling(cfg, len(clients))
     for name, (_, eval_recs) in clients.items():
@@ -620,14 +626,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         train.seed_everything(seed)
         model, tok, base_path, device, dtype = C.load_base(cfg)
         examples = {}
-        dc = cfg["data"]
         for name, (train_recs, eval_recs) in clients.items():
-            examples[name] = tuple(
-                D.tokenize_records(
-                    tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"], f"{name} {what}"
-                )
-                for recs, what in ((train_recs, "train"), (eval_recs, "eval"))
-            )
+            examples[name] = (train.tokenize(cfg, tok, train_recs, f"{name} train"),
+                              train.tokenize(cfg, tok, eval_recs, f"{name} eval"))  # fmt: skip
             if not examples[name][0]:
                 raise D.DataError(f"client {name}: no training example fits data.max_seq_len")
         names = ["global"] + ([] if mode == "global_only" else ["local"])

@@ -70,9 +70,9 @@ def site(context: Context) -> tuple[federated.Client, str]:
         C.quiet_libraries()
         train.seed_everything(seed)
         model, tok, _, device, dtype = C.load_base(cfg)
-        examples = tuple(
-            D.tokenize_records(tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"], f"{name} {w}")
-            for recs, w in ((records[0], "train"), (records[1], "eval"))
+        examples = (
+            train.tokenize(cfg, tok, records[0], f"{name} train"),
+            train.tokenize(cfg, tok, records[1], f"{name} eval"),
         )
         mode = cfg["federated"]["mode"]
         train.add_adapters(model, cfg["lora"], ["global"] + ([] if mode == "global_only" else ["local"]))

@@ -6,11 +6,13 @@
 
 The base loads as the config says (4-bit NF4, compute dtype, device), with zero, one or several adapters:
 this project's or any PEFT LoRA/DoRA adapter directory, e.g. a federated client's global + local pair.
-Prompts are rendered by data.render_prompt, the very function that built the training prompts.
+Prompts are rendered by data.py, the very code that built the training prompts.
 
     --prompt TEXT       one answer, streamed to the terminal
-    --input FILE        an Alpaca JSON/JSONL file: predictions to --output (JSONL), plus exact match and
-                        ROUGE-L against each record's output, printed and written to <output>.metrics.json
+    --input FILE        an Alpaca, OpenAI-messages or ShareGPT JSON/JSONL file: predictions to --output
+                        (JSONL), plus exact match and ROUGE-L against each record's output (a conversation:
+                        its last assistant turn, answered from everything before it), printed and written
+                        to <output>.metrics.json
     neither             an interactive multi-turn chat; /reset clears the history, /exit or Ctrl-D quits
 
 With no --adapter the base model answers alone: that is the baseline the adapters are measured against.
@@ -22,7 +24,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -142,17 +144,18 @@ def generate(
 def predict(
     model: nn.Module,
     tok: "PreTrainedTokenizerBase",
-    records: list[dict[str, str]],
+    records: list[D.Record],
     system_prompt: str | None,
     device: torch.device,
     dtype: torch.dtype,
     gen: dict[str, float],
     progress: bool = True,
 ) -> list[str]:
-    """One predicted answer per record, generated in batches of prompts of similar length."""
+    """One predicted answer per record (a conversation: its last assistant turn, from everything before
+    it), generated in batches of prompts of similar length."""
     from tqdm import tqdm
 
-    prompts = [D.encode(tok, D.render_prompt(tok, r["instruction"], r["input"], system_prompt)) for r in records]
+    prompts = D.prompts(tok, records, system_prompt)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less left padding per batch
     answers = [None] * len(prompts)
     batches = range(0, len(order), GEN_BATCH)
@@ -163,16 +166,20 @@ def predict(
     return answers
 
 
-def score(records: list[dict[str, str]], answers: list[str]) -> tuple[list[dict[str, str | float]], dict[str, float]]:
-    """(one result row per record, the mean metrics)."""
+def score(records: list[D.Record], answers: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """(one result row per record, the mean metrics). A row starts with what was asked: instruction and
+    input, or a conversation's messages before its last answer."""
     rows = [
         {
-            "instruction": r["instruction"],
-            "input": r["input"],
-            "reference": r["output"],
+            **(
+                {"messages": r["messages"][:-1]}
+                if "messages" in r
+                else {"instruction": r["instruction"], "input": r["input"]}
+            ),
+            "reference": D.reference(r),
             "prediction": a,
-            "exact_match": exact_match(a, r["output"]),
-            "rouge_l": rouge_l(a, r["output"]),
+            "exact_match": exact_match(a, D.reference(r)),
+            "rouge_l": rouge_l(a, D.reference(r)),
         }
         for r, a in zip(records, answers, strict=True)
     ]
@@ -240,7 +247,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="weight of each LoRA adapter's update, in --adapter order (default 1)",
     )
     ap.add_argument("--prompt", help="answer this one instruction and stop")
-    ap.add_argument("--input", help="Alpaca JSON/JSONL file to predict and score")
+    ap.add_argument("--input", help="Alpaca, OpenAI-messages or ShareGPT JSON/JSONL file to predict and score")
     ap.add_argument("--output", help="predictions JSONL for --input (metrics go to <output>.metrics.json)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
@@ -279,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         C.quiet_libraries()
         model, tok, base_path, device, dtype = C.load_base(cfg, gradient_checkpointing=False)
         names = load_adapters(model, args.adapter, args.adapter_weight)
+        if records:
+            D.prompts(tok, records, cfg["data"]["system_prompt"])  # every record renders (ms; before any output)
     except ValueError as e:  # ConfigError, DataError, ModelError and lora's errors are all ValueErrors
         C.fail(e)
     what = " + ".join([base_path, *args.adapter]) if names else f"{base_path} with no adapter"

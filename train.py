@@ -194,9 +194,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_examples(
-    cfg: C.Config, tok: "PreTrainedTokenizerBase"
-) -> tuple[list[Example], list[Example], list[dict[str, str]]]:
+def load_examples(cfg: C.Config, tok: "PreTrainedTokenizerBase") -> tuple[list[Example], list[Example], list[D.Record]]:
     """Tokenized (train, eval) examples, and the eval records: eval from data.eval_file, else a
     data.eval_fraction split of the train file."""
     dc = cfg["data"]
@@ -205,11 +203,14 @@ def load_examples(
         train_recs, eval_recs = records, D.load_records(dc["eval_file"], dc["field_map"] or None)
     else:
         train_recs, eval_recs = D.split_eval(records, dc["eval_fraction"], cfg["train"]["seed"])
+    return tokenize(cfg, tok, train_recs, "train"), tokenize(cfg, tok, eval_recs, "eval"), eval_recs
 
-    def encode(recs: list[dict], name: str) -> list[Example]:
-        return D.tokenize_records(tok, recs, dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"], name)
 
-    return encode(train_recs, "train"), encode(eval_recs, "eval"), eval_recs
+def tokenize(cfg: C.Config, tok: "PreTrainedTokenizerBase", records: list[D.Record], name: str) -> list[Example]:
+    """The records' examples as the data section says (max_seq_len, system_prompt, train_on): the one
+    place train.py, federated.py's clients and flower_app.py's sites tokenize."""
+    dc = cfg["data"]
+    return D.tokenize_records(tok, records, dc["max_seq_len"], dc["system_prompt"], dc["train_on"], name)
 
 
 def add_adapters(model: nn.Module, lc: dict, names: list[str]) -> None:
@@ -576,7 +577,7 @@ def eval_metrics(
     model: nn.Module,
     tok: "PreTrainedTokenizerBase",
     examples: list[Example],
-    records: list[dict[str, str]],
+    records: list[D.Record],
     cfg: C.Config,
     device: torch.device,
     dtype: torch.dtype,
@@ -591,7 +592,7 @@ def eval_metrics(
         rank, world = rank_and_world()
         mine = records[rank::world]
         answers = infer.predict(model, tok, mine, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False)
-        hits = sum(infer.exact_match(a, r["output"]) for r, a in zip(mine, answers, strict=True))
+        hits = sum(infer.exact_match(a, D.reference(r)) for r, a in zip(mine, answers, strict=True))
         hits, n = all_sum([hits, len(mine)])
         metrics["exact_match"] = hits / n
     return metrics

@@ -79,7 +79,6 @@ def test_chatml_prompt_and_response(tok):
         == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nClassify.\n\nNice.<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert data.render_response(tok, "cold") == "cold<|im_end|>\n"
 
 
 def test_alpaca_fallback(alpaca_tok):
@@ -88,9 +87,9 @@ def test_alpaca_fallback(alpaca_tok):
     assert "### Instruction:\nClassify.\n\n### Input:\nNice.\n\n" in prompt
     assert "### Input" not in data.render_prompt(alpaca_tok, "Opposite of hot?")
     assert data.render_prompt(alpaca_tok, "Hi", system_prompt="Be brief.").startswith("Be brief.\n\n###")
-    assert data.render_response(alpaca_tok, "cold") == "cold<|endoftext|>"
     ex = data.tokenize_example(alpaca_tok, {"instruction": "Opposite of hot?", "output": "cold"})
     assert ex["labels"][-1] == ex["input_ids"][-1] == alpaca_tok.eos_token_id
+    assert alpaca_tok.decode([t for t in ex["labels"] if t != -100]) == "cold<|endoftext|>"
 
 
 def test_masking(tok, records):
@@ -105,9 +104,10 @@ def test_masking(tok, records):
         assert labels[-2] == im_end and tok.decode(labels[len(prompt) :]) == r["output"] + "<|im_end|>\n"
 
 
-def test_train_on_prompt(tok, records):
-    ex = data.tokenize_example(tok, records[0], train_on_prompt=True)
+def test_train_on_all_and_last(tok, records):
+    ex = data.tokenize_example(tok, records[0], train_on="all")
     assert ex["labels"] == ex["input_ids"]
+    assert data.tokenize_example(tok, records[0], train_on="last") == data.tokenize_example(tok, records[0])
 
 
 def test_truncation_drops_and_reports_once(tok, capsys):
@@ -120,7 +120,7 @@ def test_truncation_drops_and_reports_once(tok, capsys):
     kept = data.tokenize_records(tok, [short, long, long, short], max_seq_len=32, name="eval")
     assert len(kept) == 2 and all(len(e["input_ids"]) <= 32 for e in kept)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["warning: eval: dropped 2 of 4 examples whose prompt fills max_seq_len=32"]
+    assert lines == ["warning: eval: dropped 2 of 4 examples with no trained token within max_seq_len=32"]
 
 
 def test_demo_prompts_are_short(tok, records):
@@ -286,6 +286,7 @@ def test_jsonl_and_field_map(tmp_path):
     dolly = {"instruction": "instruction", "input": "context", "output": "response"}
     for name in ["dolly.jsonl", "dolly.json"]:  # a .json file of JSON lines is recognised by content
         got = data.load_records(write(tmp_path, name, text), field_map=dolly)
+        assert [r.pop("_where") for r in got] == [f"{tmp_path / name}, {w}" for w in ("line 1", "line 2")]
         assert got == [
             {"instruction": "Name a fruit.", "input": "", "output": "apple", "category": "open_qa"},
             {"instruction": "Summarise.", "input": "Cats sleep a lot.", "output": "Cats sleep."},

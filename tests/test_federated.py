@@ -131,7 +131,7 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
     lr = train.lr_at(1, 2, 0, cfg["train"]["lr"], cfg["train"]["min_lr_ratio"])  # round 2 of 2, no warmup
     uploads, counts = [], []
     for i, c in enumerate(sampled):
-        examples = D.tokenize_records(tok, clients[c][0], dc["max_seq_len"], dc["system_prompt"], dc["train_on_prompt"])
+        examples = D.tokenize_records(tok, clients[c][0], dc["max_seq_len"], dc["system_prompt"], dc["train_on"])
         lora.load_adapter_state_dict(model, x1, "global")
         lora.load_adapter_state_dict(model, adapter_tensors(r1 / "clients" / c / "local"), "local")
         opt = r1 / "clients" / c / "local_optimizer.pt"
