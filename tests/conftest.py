@@ -25,8 +25,9 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(items):
     """The Flower deployments first: they spend minutes mostly waiting on the network, so with
-    `pytest -n 3` (pytest-xdist) each gets a worker at once while the others run the rest beside them."""
-    items.sort(key=lambda item: "deployment" not in item.fixturenames)  # a stable sort: order kept otherwise
+    `pytest -n 3` (pytest-xdist) each gets a worker at once while the others run the rest beside them. Then
+    the real model's tests (tests/test_real_model.py, the slowest to compute), then the rest."""
+    items.sort(key=lambda item: ("deployment" not in item.fixturenames, "smollm2" not in item.fixturenames))
 
 
 def run_main(main, argv, capsys):
