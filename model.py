@@ -23,6 +23,7 @@ Imports: torch, the standard library, transformers, tokenizers; bitsandbytes laz
 import importlib.util
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -413,7 +414,7 @@ def from_pretrained(auto_class: type, name_or_path: str, **kwargs: Any) -> Any:
     if gguf:
         try:
             return auto_class.from_pretrained(where, **gguf, **kwargs)
-        except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:  # truncated, corrupt, unsupported
+        except (OSError, ValueError, KeyError, IndexError, RuntimeError, EOFError, struct.error) as e:  # corrupt
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"model.name_or_path: cannot read GGUF file {name_or_path!r}: {reason}") from None
     if not os.path.isdir(name_or_path):
