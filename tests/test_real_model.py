@@ -35,6 +35,45 @@ def batch(tok, n=4, start=0):
     return D.collate(D.tokenize_records(tok, records, 64), tok.pad_token_id)
 
 
+# the slowest first: pytest -n 3 starts it early, beside the Flower deployments
+def test_fine_tuned_answers_stop_at_the_end_of_turn_and_merge_reloads(smollm2, tmp_path, capsys):
+    """pad == eos (<|im_end|>) here: a pipeline that masked pad ids would never train the end of a turn, and
+    the fine-tuned model would run on to the token limit. Then merge.py: plain transformers reloads it."""
+    import infer
+
+    records = D.load_records(ALPACA)[:16]
+    (tmp_path / "train.json").write_text(
+        json.dumps([{k: r[k] for k in ("instruction", "input", "output")} for r in records])
+    )
+    out = tmp_path / "run"
+    argv = [CONFIG, f"model.name_or_path={smollm2}", "model.quantization=none", "model.compute_dtype=float32",
+            f"data.train_file={tmp_path / 'train.json'}", "data.eval_fraction=0", f"train.output_dir={out}",
+            "train.max_steps=12", "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=1",
+            "lora.r=8"]  # fmt: skip
+    code, stdout, err = run_main(train.main, argv, capsys)
+    assert code == 0, err
+    model, tok = load(smollm2)
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    infer.load_adapters(model, [str(out / "adapter")])
+    prompts = [D.prompt_ids(tok, r) for r in records[:4]]
+    answers = infer.generate(model, tok, prompts, torch.device("cpu"), torch.float32, {"max_new_tokens": 24,
+                             "temperature": 0.0, "top_p": 1.0})  # fmt: skip
+    # generate cuts the stop token: fewer than 24 new tokens means the model wrote <|im_end|> itself
+    assert [tok.decode(a) for a in answers] == [r["output"] for r in records[:4]] and max(map(len, answers)) < 24
+    merged = tmp_path / "merged"
+    margv = [CONFIG, f"model.name_or_path={smollm2}", "model.quantization=none", "model.compute_dtype=float32",
+             "--adapter", str(out / "adapter"), "--out", str(merged)]  # fmt: skip
+    code, stdout, err = run_main(merge.main, margv, capsys)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = batch(tok)["input_ids"]
+    with torch.no_grad():
+        a, b = plain(ids).logits, model(ids).logits
+    assert (a - b).abs().max() / b.abs().max() < 1e-4
+
+
 def test_the_gguf_file_loads_with_its_tokenizer_and_chat_template(smollm2):
     model, tok = load(smollm2, "nf4", torch.bfloat16)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -100,44 +139,6 @@ def test_the_adapter_opens_in_peft_on_the_same_base_with_equal_logits(smollm2, t
     ids = batch(tok)["input_ids"]
     with torch.no_grad():
         a, b = model(ids).logits, theirs(ids).logits
-    assert (a - b).abs().max() / b.abs().max() < 1e-4
-
-
-def test_fine_tuned_answers_stop_at_the_end_of_turn_and_merge_reloads(smollm2, tmp_path, capsys):
-    """pad == eos (<|im_end|>) here: a pipeline that masked pad ids would never train the end of a turn, and
-    the fine-tuned model would run on to the token limit. Then merge.py: plain transformers reloads it."""
-    import infer
-
-    records = D.load_records(ALPACA)[:16]
-    (tmp_path / "train.json").write_text(
-        json.dumps([{k: r[k] for k in ("instruction", "input", "output")} for r in records])
-    )
-    out = tmp_path / "run"
-    argv = [CONFIG, f"model.name_or_path={smollm2}", "model.quantization=none", "model.compute_dtype=float32",
-            f"data.train_file={tmp_path / 'train.json'}", "data.eval_fraction=0", f"train.output_dir={out}",
-            "train.max_steps=12", "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=1",
-            "lora.r=8"]  # fmt: skip
-    code, stdout, err = run_main(train.main, argv, capsys)
-    assert code == 0, err
-    model, tok = load(smollm2)
-    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    infer.load_adapters(model, [str(out / "adapter")])
-    prompts = [D.prompt_ids(tok, r) for r in records[:4]]
-    answers = infer.generate(model, tok, prompts, torch.device("cpu"), torch.float32, {"max_new_tokens": 24,
-                             "temperature": 0.0, "top_p": 1.0})  # fmt: skip
-    # generate cuts the stop token: fewer than 24 new tokens means the model wrote <|im_end|> itself
-    assert [tok.decode(a) for a in answers] == [r["output"] for r in records[:4]] and max(map(len, answers)) < 24
-    merged = tmp_path / "merged"
-    margv = [CONFIG, f"model.name_or_path={smollm2}", "model.quantization=none", "model.compute_dtype=float32",
-             "--adapter", str(out / "adapter"), "--out", str(merged)]  # fmt: skip
-    code, stdout, err = run_main(merge.main, margv, capsys)
-    assert code == 0, err
-    from transformers import AutoModelForCausalLM
-
-    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    ids = batch(tok)["input_ids"]
-    with torch.no_grad():
-        a, b = plain(ids).logits, model(ids).logits
     assert (a - b).abs().max() / b.abs().max() < 1e-4
 
 
