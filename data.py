@@ -341,6 +341,14 @@ def _snap(text: str, end: int, specials: list[str]) -> int:
     return end
 
 
+def _pieces(
+    tokenizer: "PreTrainedTokenizerBase", record: Record, system_prompt: str | None
+) -> tuple[list[tuple[str, bool]], int]:
+    """(segments of the record as rendered for this tokenizer, the index of its last assistant piece)."""
+    pieces = segments(tokenizer, to_messages(record, system_prompt, bool(tokenizer.chat_template)))
+    return pieces, max(k for k, (_, is_answer) in enumerate(pieces) if is_answer)
+
+
 def encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
     """Token ids of text as written: special tokens in the text (<|im_start|>) are kept, none are added."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -359,8 +367,7 @@ def tokenize_example(
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
-    pieces = segments(tokenizer, to_messages(record, system_prompt, bool(tokenizer.chat_template)))
-    last = max(k for k, (_, is_answer) in enumerate(pieces) if is_answer)
+    pieces, last = _pieces(tokenizer, record, system_prompt)
     input_ids, labels = [], []
     for k, (text, is_answer) in enumerate(pieces):
         ids = encode(tokenizer, text)
@@ -402,8 +409,7 @@ def tokenize_records(
 
 def prompt_ids(tokenizer: "PreTrainedTokenizerBase", record: Record, system_prompt: str | None = None) -> list[int]:
     """The ids the record's last assistant turn is answered from (everything before it), as in training."""
-    pieces = segments(tokenizer, to_messages(record, system_prompt, bool(tokenizer.chat_template)))
-    last = max(k for k, (_, is_answer) in enumerate(pieces) if is_answer)
+    pieces, last = _pieces(tokenizer, record, system_prompt)
     return [i for text, _ in pieces[:last] for i in encode(tokenizer, text)]
 
 

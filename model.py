@@ -415,8 +415,7 @@ def from_pretrained(auto_class: type, name_or_path: str, **kwargs: Any) -> Any:
         try:
             return auto_class.from_pretrained(where, **gguf, **kwargs)
         except (OSError, ValueError, KeyError, IndexError, RuntimeError, EOFError, struct.error) as e:  # corrupt
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"model.name_or_path: cannot read GGUF file {name_or_path!r}: {reason}") from None
+            raise ModelError(f"model.name_or_path: cannot read GGUF file {name_or_path!r}: {_first_line(e)}") from None
     if not os.path.isdir(name_or_path):
         # a cached hub model must load without the network: offline, the hub client retries with backoff
         try:
@@ -426,8 +425,12 @@ def from_pretrained(auto_class: type, name_or_path: str, **kwargs: Any) -> Any:
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
     except OSError as e:  # not in the HF cache and no network, unknown or gated repo, missing files, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {reason}") from None
+        raise ModelError(f"model.name_or_path: cannot load {name_or_path!r}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name when it has none."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
