@@ -10,9 +10,9 @@ Prompts are rendered by data.py, the very code that built the training prompts.
 
     --prompt TEXT       one answer, streamed to the terminal
     --input FILE        an Alpaca, OpenAI-messages or ShareGPT JSON/JSONL file: predictions to --output
-                        (JSONL), plus exact match and ROUGE-L against each record's output (a conversation:
-                        its last assistant turn, answered from everything before it), printed and written
-                        to <output>.metrics.json
+                        (JSONL), plus exact match, ROUGE-L and contains (the reference's words occur in
+                        the answer) against each record's output (a conversation: its last assistant turn,
+                        answered from everything before it), printed and written to <output>.metrics.json
     neither             an interactive multi-turn chat; /reset clears the history, /exit or Ctrl-D quits
 
 With no --adapter the base model answers alone: that is the baseline the adapters are measured against.
@@ -22,6 +22,7 @@ With no --adapter the base model answers alone: that is the baseline the adapter
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,19 @@ def normalize(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 if the two texts are equal once normalized (normalize), else 0.0."""
     return float(normalize(prediction) == normalize(reference))
+
+
+def words(text: str) -> list[str]:
+    """Lowercased words, punctuation dropped: "The capital is Paris." -> ["the", "capital", "is", "paris"]."""
+    return re.findall(r"\w+", text.lower())
+
+
+def contains(prediction: str, reference: str) -> float:
+    """1.0 if the reference's words occur in the prediction, in a row (words): "The capital of France is
+    Paris." contains "paris", "Parisian" does not. The usual score of a knowledge question, which a chat
+    model answers in a sentence rather than in the reference's words alone."""
+    p, r = words(prediction), words(reference)
+    return float(any(p[i : i + len(r)] == r for i in range(len(p) - len(r) + 1)))
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -180,6 +194,7 @@ def score(records: list[D.Record], answers: list[str]) -> tuple[list[dict[str, A
             "prediction": a,
             "exact_match": exact_match(a, D.reference(r)),
             "rouge_l": rouge_l(a, D.reference(r)),
+            "contains": contains(a, D.reference(r)),
         }
         for r, a in zip(records, answers, strict=True)
     ]
@@ -188,6 +203,7 @@ def score(records: list[D.Record], answers: list[str]) -> tuple[list[dict[str, A
         "n": n,
         "exact_match": sum(r["exact_match"] for r in rows) / n,
         "rouge_l": sum(r["rouge_l"] for r in rows) / n,
+        "contains": sum(r["contains"] for r in rows) / n,
     }
 
 
@@ -310,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         with open(metrics_path, "x") as f:
             json.dump(metrics, f, indent=2)
         print(
-            f"exact_match {metrics['exact_match']:.4f}  rouge_l {metrics['rouge_l']:.4f}  over {metrics['n']} "
+            f"exact_match {metrics['exact_match']:.4f}  rouge_l {metrics['rouge_l']:.4f}  "
+            f"contains {metrics['contains']:.4f}  over {metrics['n']} "
             f"records; predictions in {args.output}, metrics in {metrics_path}"
         )
     else:

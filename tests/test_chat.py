@@ -385,7 +385,8 @@ def test_conversations_train_and_evaluate_on_the_last_turn(cache_dir, tmp_path, 
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [row["messages"] for row in rows] == [r["messages"][:-1] for r in eval_recs]
     assert [row["reference"] for row in rows] == [r["messages"][-1]["content"] for r in eval_recs]
-    assert all(set(row) == {"messages", "reference", "prediction", "exact_match", "rouge_l"} for row in rows)
+    keys = {"messages", "reference", "prediction", "exact_match", "rouge_l", "contains"}
+    assert all(set(row) == keys for row in rows)
 
 
 def test_federated_clients_from_conversation_files_and_a_dirichlet_split(cache_dir, tmp_path, capsys):

@@ -100,7 +100,13 @@ def test_score_known_predictions():
     rows, metrics = infer.score(records, ["cold", "a big dog", "negative"])
     assert [r["exact_match"] for r in rows] == [1.0, 0.0, 0.0]
     assert [r["rouge_l"] for r in rows] == pytest.approx([1.0, 2 * 2 / (3 + 4), 0.0])  # LCS "big dog": 2
-    assert metrics == {"n": 3, "exact_match": pytest.approx(1 / 3), "rouge_l": pytest.approx((1 + 4 / 7) / 3)}
+    assert [r["contains"] for r in rows] == [1.0, 0.0, 0.0]
+    assert metrics == {
+        "n": 3,
+        "exact_match": pytest.approx(1 / 3),
+        "rouge_l": pytest.approx((1 + 4 / 7) / 3),
+        "contains": pytest.approx(1 / 3),
+    }
     assert rows[1] == {
         "instruction": "i2",
         "input": "x",
@@ -108,7 +114,16 @@ def test_score_known_predictions():
         "prediction": "a big dog",
         "exact_match": 0.0,
         "rouge_l": pytest.approx(4 / 7),
+        "contains": 0.0,
     }
+
+
+def test_contains_matches_whole_words_in_a_row():
+    assert infer.contains("The capital of France is Paris.", "Paris") == 1.0  # case and punctuation dropped
+    assert infer.contains("It is Parisian.", "Paris") == 0.0  # whole words only
+    assert infer.contains("Leonardo da Vinci painted it", "da Vinci") == 1.0
+    assert infer.contains("Vinci da Leonardo", "da Vinci") == 0.0  # in order, in a row
+    assert infer.contains("water is H2O!", "h2o") == 1.0 and infer.contains("", "a") == 0.0
 
 
 # ---------------------------------------------------------------- adapters
@@ -260,6 +275,7 @@ def test_baseline_batch_mode_writes_predictions_and_metrics(cache_dir, tmp_path,
     for row in rows:
         assert row["exact_match"] == infer.exact_match(row["prediction"], row["reference"])
         assert row["rouge_l"] == infer.rouge_l(row["prediction"], row["reference"])
+        assert row["contains"] == infer.contains(row["prediction"], row["reference"])
     metrics = json.loads((tmp_path / "out" / "preds.metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["adapters"] == [] and metrics["max_new_tokens"] == 4
     assert metrics["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 3)
