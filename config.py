@@ -51,6 +51,7 @@ DEFAULTS: Config = {
         max_seq_len=1024,
         train_on="assistant",
         group_by_length=True,
+        packing=False,
         clients=None,
         partition="iid",
         num_clients=4,

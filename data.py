@@ -36,6 +36,7 @@ SmolLM2, would otherwise mask the end of every turn and the model would never le
 aligned with input_ids; the loss shifts them by one (logits[:, :-1] predict labels[:, 1:]).
 """
 
+import bisect
 import json
 import os
 import random
@@ -464,6 +465,78 @@ def collate(
         labels[i, :n] = torch.tensor(e["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_packed(
+    examples: Sequence[dict[str, list[int]]], pad_id: int | None, max_len: int | None, multiple_of: int | None = 8
+) -> dict[str, torch.Tensor]:
+    """The same examples as collate, laid end to end in as few rows as hold them: LongTensors input_ids,
+    labels, position_ids, each (R, T), and no attention_mask.
+
+    Rows hold at most max_len tokens (max_len None: one row of them all, for flash_attention_2). The
+    number of rows R is what best-fit decreasing packs into max_len (pack); T is then the shortest row
+    length that still packs them into R rows, so the rows come out about equally full instead of the
+    last one nearly empty. Each example keeps its own positions, 0, 1, 2, ..., and the padding at the
+    end of a row starts again at 0. That is how the model tells the examples apart: with no
+    attention_mask, transformers reads a restart of position_ids as a boundary and lets no token attend
+    across it (a block-diagonal causal mask for sdpa and eager; the varlen kernel's cu_seqlens for
+    flash_attention_2, which needs one row). The label of each example's first token becomes -100: it
+    would be predicted by the last token of the example before it. Unpacked, that label is shifted out
+    of the loss anyway, so both layouts score the same positions with the same labels.
+    """
+    if pad_id is None:
+        raise ValueError("pad_id is None: pass tokenizer.pad_token_id (or eos_token_id if it has no pad token)")
+    multiple_of = multiple_of or 1
+    lengths = [len(e["input_ids"]) for e in examples]
+    limit = max_len or sum(lengths)
+    bins = pack(lengths, limit)
+    width = -(-max(max(lengths), -(-sum(lengths) // len(bins))) // multiple_of) * multiple_of  # rounded up
+    while width < limit:  # the shortest rows that still make do with len(bins) of them
+        if len(tighter := pack(lengths, width)) == len(bins):
+            bins = tighter
+            break
+        width += multiple_of
+    T = -(-max(sum(lengths[i] for i in b) for b in bins) // multiple_of) * multiple_of
+    input_ids = torch.full((len(bins), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), T), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), T), dtype=torch.long)
+    for row, b in enumerate(bins):
+        start = 0
+        for i in b:
+            n, end = lengths[i], start + lengths[i]
+            input_ids[row, start:end] = torch.tensor(examples[i]["input_ids"], dtype=torch.long)
+            labels[row, start + 1 : end] = torch.tensor(examples[i]["labels"][1:], dtype=torch.long)
+            position_ids[row, start:end] = torch.arange(n)
+            start = end
+        position_ids[row, start:] = torch.arange(T - start)  # the padding: a segment of its own
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in bins whose lengths add up to at most capacity, by best-fit decreasing:
+    longest first, each into the fullest bin with room for it, else into a new bin. Like first-fit
+    decreasing it never needs more than about 11/9 of the fewest bins possible (Johnson 1973), and on
+    a micro-batch of examples it usually needs the fewest. O(n log n): the bins' free space is kept
+    sorted, so that the best fit is a bisection.
+
+    Raises:
+        ValueError: a length above capacity.
+    """
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"an example of {n} tokens cannot be packed into rows of {capacity}")
+        k = bisect.bisect_left(free, (n, -1))  # the bin with the least room that still fits n
+        if k == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+        else:
+            room, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+    return bins
 
 
 def batch_indices(

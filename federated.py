@@ -134,7 +134,8 @@ def train_adapter(
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = lr, weight_decay  # this round's, not the saved ones
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    batches = train.batch_stream(examples, tc["batch_size"], seed, cfg["data"]["group_by_length"], pad_id)
+    collate = train.collator(cfg, model, pad_id)
+    batches = train.batch_stream(examples, tc["batch_size"], seed, cfg["data"]["group_by_length"], collate)
     model.train()
     losses = []
     for _ in range(steps):
@@ -215,7 +216,8 @@ def evaluate_client(
     dtype: torch.dtype,
 ) -> dict[str, float | None]:
     """{eval_loss, exact_match, n, conflict_exact_match, n_conflict} for the active adapters."""
-    metrics = train.evaluate(model, examples, cfg["train"]["batch_size"], tok.pad_token_id, device, dtype)
+    collate = train.collator(cfg, model, tok.pad_token_id)
+    metrics = train.evaluate(model, examples, cfg["train"]["batch_size"], collate, device, dtype)
     greedy = dict(max_new_tokens=cfg["federated"]["max_new_tokens"], temperature=0.0, top_p=1.0)
     answers = infer.predict(model, tok, records, cfg["data"]["system_prompt"], device, dtype, greedy, progress=False)
     hits = [infer.exact_match(a, D.reference(r)) for a, r in zip(answers, records, strict=True)]
@@ -635,11 +637,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         train.add_adapters(model, lc, names)  # all trainable: the most a client ever trains at once (joint mode)
         everyone = [e for train_ex, _ in examples.values() for e in train_ex]
         train.check_loss(model, everyone[0], tok.pad_token_id, device, dtype)
+        if cfg["data"]["packing"]:
+            train.check_packing(model, everyone[0], device, dtype)
         cfg["train"]["batch_size"] = train.resolve_batch_size(
             cfg["train"],
             model,
             everyone,
-            tok.pad_token_id,
+            train.collator(cfg, model, tok.pad_token_id),
             device,
             dtype,
             os.path.join(out_dir, "config.yaml") if args.resume else None,

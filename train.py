@@ -8,6 +8,7 @@ loss, one optimizer step, the batches, evaluation, checkpoints and the few data-
 config (defaults, checks, overrides) lives in config.py; federated.py reuses the pieces here.
 """
 
+import functools
 import math
 import os
 import random
@@ -35,7 +36,7 @@ import model as M
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-Batch = dict[str, torch.Tensor]  # input_ids, labels, attention_mask: each (B, T)
+Batch = dict[str, torch.Tensor]  # input_ids, labels, and attention_mask (padded) or position_ids (packed): (B, T)
 Example = dict[str, list[int]]  # input_ids, labels of one tokenized record
 
 
@@ -66,11 +67,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise D.DataError(f"{cfg['data']['train_file']}: no example fits data.max_seq_len")
         add_adapters(model, lc, ["default"])
         check_loss(model, train_ex[0], tok.pad_token_id, device, dtype)
+        if cfg["data"]["packing"]:
+            check_packing(model, train_ex[0], device, dtype)
+        collate = collator(cfg, model, tok.pad_token_id)
         tc["batch_size"] = resolve_batch_size(
             tc,
             model,
             train_ex,
-            tok.pad_token_id,
+            collate,
             device,
             dtype,
             os.path.join(out_dir, "config.yaml") if args.resume else None,
@@ -112,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.log(event="resume", step=step)
         print(f"resumed from {ckpt}")
     elif eval_ex:
-        metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, device, dtype)
+        metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, collate, device, dtype)
         logger.log(step=0, **metrics)
         print(f"step 0: {describe(metrics)} (before training)")
 
@@ -121,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tc["batch_size"],
         tc["seed"],
         cfg["data"]["group_by_length"],
-        tok.pad_token_id,
+        collate,
         start=step * tc["grad_accum"] * world,
         rank=rank,
         world=world,
@@ -162,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"step {step}: loss {loss:.4f} lr {lr:.2e} {tok_s:.0f} tok/s")
             tokens_seen, t0 = 0, time.time()
         if eval_ex and tc["eval_every"] and step % tc["eval_every"] == 0 and step < tc["max_steps"]:
-            metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, device, dtype)
+            metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, collate, device, dtype)
             logger.log(step=step, **metrics)
             tqdm.write(f"step {step}: {describe(metrics)}")
         if (tc["save_every"] and step % tc["save_every"] == 0) or step == tc["max_steps"]:
@@ -172,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bar.close()
 
     if eval_ex:
-        metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, device, dtype)
+        metrics = eval_metrics(model, tok, eval_ex, eval_recs, cfg, collate, device, dtype)
         logger.log(step=step, **metrics)
         print(f"step {step}: {describe(metrics)} (end of training)")
     if rank == 0:
@@ -343,7 +347,8 @@ def loss_sum(model: nn.Module, batch: Batch, chunk_elements: int | None = None) 
     efficient; 2^22 (16 MiB) on a CPU, where the softmax passes over a chunk then run in cache (a
     whole training step measured 4% to 14% faster than with 2^25: bench.py's CPU shape).
     """
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # a packed batch: position_ids, no attention_mask
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = labels != D.IGNORE_INDEX
     hidden, labels = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
@@ -388,6 +393,38 @@ def check_loss(model: nn.Module, example: Example, pad_id: int, device: torch.de
         raise M.ModelError(
             f"{type(model).__name__}: the chunked loss ({ours.item():.4f}) differs from the model's own "
             f"({theirs.item():.4f}) on one example, so this architecture's output head is not supported"
+        )
+
+
+@torch.no_grad()
+def check_packing(model: nn.Module, example: Example, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse data.packing for a model whose attention would cross the examples of a packed row: an
+    example's tokens (the last 64), reversed, give the same hidden states alone as after the example in
+    one row with positions restarting (collate_packed's layout). Models whose masks transformers builds
+    read the restart; one that ignored it would let every token attend to the example before it.
+
+    Raises:
+        M.ModelError: the hidden states differ by more than bf16 rounding could explain.
+    """
+    a = torch.tensor(example["input_ids"][-64:], device=device)
+    b = a.flip(0)
+    n = len(a)
+    was_training = model.training
+    model.eval()
+    try:
+        with M.autocast(device, dtype):
+            alone = model.base_model(input_ids=b[None], use_cache=False).last_hidden_state[0]
+            positions = torch.arange(n, device=device).repeat(2)[None]
+            row = torch.cat([a, b])[None]
+            packed = model.base_model(input_ids=row, position_ids=positions, use_cache=False).last_hidden_state[0, n:]
+    finally:
+        model.train(was_training)
+    err = ((packed.float() - alone.float()).abs().max() / alone.float().abs().max().clamp_min(1e-6)).item()
+    if err > 0.1:  # bf16 rounding: up to 0.01 (measured); attention across the examples: about 1
+        raise M.ModelError(
+            f"data.packing: {type(model).__name__} lets attention cross the examples of a packed row (hidden "
+            f"states differ by {err:.2g} relative), so packing would train on other examples' tokens; set "
+            "data.packing=false"
         )
 
 
@@ -455,34 +492,53 @@ def train_step(
     return total, n_tokens, grad_norm.item()
 
 
+def collator(cfg: C.Config, model: nn.Module, pad_id: int) -> Callable[[list[Example]], Batch]:
+    """How a micro-batch's examples become tensors: padded to the longest (data.collate), or with
+    data.packing laid end to end (data.collate_packed), in rows of at most data.max_seq_len tokens, or
+    in one row under flash_attention_2, whose varlen kernel costs nothing for the examples' boundaries.
+    Either way a micro-batch holds the same examples, so the loss, the gradients and the schedule are
+    those of the padded run; packing only drops the padding's compute."""
+    if not cfg["data"]["packing"]:
+        return functools.partial(D.collate, pad_id=pad_id)
+    one_row = model.config._attn_implementation == "flash_attention_2"
+    return functools.partial(D.collate_packed, pad_id=pad_id, max_len=None if one_row else cfg["data"]["max_seq_len"])
+
+
 def batch_stream(
     examples: list[Example],
     batch_size: int,
     seed: int,
     group_by_length: bool,
-    pad_id: int,
+    collate: Callable[[list[Example]], Batch],
     start: int = 0,
     rank: int = 0,
     world: int = 1,
 ) -> Iterator[Batch]:
-    """Endless micro-batches, epoch after epoch, deterministic from the seed; skips the first `start`.
-    With `world` ranks, one shared order is dealt out: rank r takes the micro-batches r, r + world, ..."""
+    """Endless micro-batches (made by `collate`: collator), epoch after epoch, deterministic from the
+    seed; skips the first `start`. With `world` ranks, one shared order is dealt out: rank r takes the
+    micro-batches r, r + world, ..."""
     lengths = [len(e["input_ids"]) for e in examples]
     epoch, i = 0, 0
     while True:
         for idx in D.batch_indices(lengths, batch_size, seed, epoch, group_by_length):
             if i >= start and i % world == rank:
-                yield D.collate([examples[j] for j in idx], pad_id)
+                yield collate([examples[j] for j in idx])
             i += 1
         epoch += 1
 
 
 def largest_batch_size(
-    model: nn.Module, examples: list[Example], pad_id: int, device: torch.device, dtype: torch.dtype, limit: int
+    model: nn.Module,
+    examples: list[Example],
+    collate: Callable[[list[Example]], Batch],
+    device: torch.device,
+    dtype: torch.dtype,
+    limit: int,
 ) -> int:
     """The largest micro-batch of the longest example, up to `limit`, whose forward and backward fit in
-    GPU memory: doubling from 1, then bisection. Room is kept for AdamW's two moments (allocated at the
-    first real step). Returns 0 if not even one example fits."""
+    GPU memory: doubling from 1, then bisection. `collate` lays it out as training will (packed or
+    not): n copies of the longest example are the most tokens a micro-batch of n can hold. Room is
+    kept for AdamW's two moments (allocated at the first real step). Returns 0 if not even one fits."""
     params = [p for p in model.parameters() if p.requires_grad]
     longest = [max(examples, key=lambda e: len(e["input_ids"]))]
     reserve = [torch.empty_like(p, dtype=torch.float32) for p in params for _ in range(2)]  # noqa: F841
@@ -490,7 +546,7 @@ def largest_batch_size(
     model.train()  # transformers checkpoints layers only in training mode
 
     def fits(n: int) -> bool:
-        batch = {k: v.to(device) for k, v in D.collate(longest * n, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(longest * n).items()}
         try:
             with M.autocast(device, dtype):
                 loss, _ = loss_sum(model, batch)
@@ -519,7 +575,7 @@ def resolve_batch_size(
     tc: dict,
     model: nn.Module,
     examples: list[Example],
-    pad_id: int,
+    collate: Callable[[list[Example]], Batch],
     device: torch.device,
     dtype: torch.dtype,
     previous_config: str | None = None,
@@ -538,7 +594,7 @@ def resolve_batch_size(
     if device.type != "cuda":
         print(f"train.batch_size auto: 16 on {device.type} (probing the largest batch needs a CUDA GPU)")
         return 16
-    n = all_min(largest_batch_size(model, examples, pad_id, device, dtype, limit=min(len(examples), 256)))
+    n = all_min(largest_batch_size(model, examples, collate, device, dtype, limit=min(len(examples), 256)))
     if n == 0:
         raise M.ModelError(
             "train.batch_size auto: not even one example of the longest length fits in GPU "
@@ -554,7 +610,12 @@ def resolve_batch_size(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    examples: list[Example],
+    batch_size: int,
+    collate: Callable[[list[Example]], Batch],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict[str, float]:
     """Mean response-token loss and its perplexity over `examples`; under torchrun each rank takes its
     share of the batches and the sums are added up, so that evaluation costs 1 / ranks."""
@@ -563,7 +624,7 @@ def evaluate(
     rank, world = rank_and_world()
     total, count = 0.0, 0
     for idx in D.batch_indices([len(e["input_ids"]) for e in examples], batch_size, 0, 0, True)[rank::world]:
-        batch = {k: v.to(device) for k, v in D.collate([examples[j] for j in idx], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate([examples[j] for j in idx]).items()}
         with M.autocast(device, dtype):
             loss, n = loss_sum(model, batch)
         total, count = total + loss.item(), count + n
@@ -579,6 +640,7 @@ def eval_metrics(
     examples: list[Example],
     records: list[D.Record],
     cfg: C.Config,
+    collate: Callable[[list[Example]], Batch],
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, float]:
@@ -586,7 +648,7 @@ def eval_metrics(
     the greedy answers to the eval records (infer.predict and infer.exact_match, as `infer.py --input`
     scores), each rank answering its share of the records under torchrun."""
     tc = cfg["train"]
-    metrics = evaluate(model, examples, tc["batch_size"], tok.pad_token_id, device, dtype)
+    metrics = evaluate(model, examples, tc["batch_size"], collate, device, dtype)
     if tc["eval_max_new_tokens"]:
         greedy = dict(max_new_tokens=tc["eval_max_new_tokens"], temperature=0.0, top_p=1.0)
         rank, world = rank_and_world()

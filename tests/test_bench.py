@@ -69,3 +69,30 @@ def test_bench_against_peft_both_variants(tmp_path):
         "peft_dora_step_vs_lora",
     }
     assert os.listdir(tmp_path) and all(n.startswith("bench-") for n in os.listdir(tmp_path))  # cached, no temp dir
+
+
+def test_bench_packing_layouts(tmp_path):
+    *rows, ratios = bench(tmp_path, "--packing", "--examples", "6")
+    assert [r["variant"] for r in rows] == ["padded", "grouped", "packed"]
+    assert all(set(r) == KEYS and r["tokens_per_s"] > 0 for r in rows)
+    assert set(ratios) == {"packed_vs_padded", "packed_vs_grouped"}
+
+
+def test_ragged_batches_hold_the_same_examples_in_every_layout():
+    import argparse
+
+    import bench
+
+    args = argparse.Namespace(lengths=bench.LENGTHS, seq=256, examples=20, batch=4)
+    layouts = {layout: bench.ragged_batches({"vocab": 1000}, args, layout) for layout in bench.LAYOUTS}
+    with open(bench.LENGTHS) as f:
+        assert len(json.load(f)["lengths"]) > 10000  # real conversations' token counts
+    tokens = {k: [n for _, n in v] for k, v in layouts.items()}
+    assert tokens["padded"] == tokens["packed"] and sum(tokens["grouped"]) == sum(tokens["padded"])
+    assert max(tokens["padded"]) <= 4 * 256
+    for (padded, n), (packed, m) in zip(layouts["padded"], layouts["packed"], strict=True):
+        assert int(padded["attention_mask"].sum()) == n == m  # tokens: the examples' own, padding left out
+        assert sorted(padded["input_ids"][padded["attention_mask"] == 1].tolist()) == sorted(
+            packed["input_ids"][packed["input_ids"] != 0].tolist()
+        )
+        assert packed["input_ids"].numel() <= padded["input_ids"].numel()

@@ -106,12 +106,19 @@ def adapter(path):
     return lora.read_adapter(str(path))[1]
 
 
-def test_two_processes_train_what_one_trains_with_grad_accum_doubled(cache_dir, tmp_path, capsys):
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_processes_train_what_one_trains_with_grad_accum_doubled(packing, cache_dir, tmp_path, capsys):
     """fp32, dropout 0: rank r takes micro-batches r, r + 2, ... of the shared order, so each step sees the
     same 8 sequences as one process taking 2 micro-batches of 4. A missing all-reduce (each rank stepping on
     its half) changes the adapters; a gradient counted twice leaves AdamW's step nearly unchanged (it is
-    scale-free) but doubles the gradient norm logged at each step, compared here too."""
-    fp32 = ("model.compute_dtype=float32", "lora.dropout=0")
+    scale-free) but doubles the gradient norm logged at each step, compared here too. Packed, each rank
+    packs the micro-batches it is dealt, as one process packs each of its own."""
+    fp32 = (
+        "model.compute_dtype=float32",
+        "lora.dropout=0",
+        f"data.packing={str(packing).lower()}",
+        "data.max_seq_len=64",
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_main(train.main, small_run(cache_dir, one, *fp32, "train.grad_accum=2"), capsys)[0] == 0
     code, rank0, rank1, err = torchrun(tmp_path, "two", small_run(cache_dir, two, *fp32, "train.grad_accum=1"))

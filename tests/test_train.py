@@ -1,5 +1,6 @@
 """train.py: the config parser, the chunked loss, checkpointing, resume and every bad input."""
 
+import functools
 import itertools
 import json
 import math
@@ -220,7 +221,7 @@ def test_batch_size_auto_finds_the_largest_micro_batch_that_fits(cache_dir, monk
         return real(model, batch, **kw)
 
     monkeypatch.setattr(train, "loss_sum", loss_sum)
-    args = (model, examples, tok.pad_token_id, torch.device("cpu"), torch.float32)
+    args = (model, examples, functools.partial(D.collate, pad_id=tok.pad_token_id), torch.device("cpu"), torch.float32)
     assert train.largest_batch_size(*args, limit=64) == 5
     assert all(t == longest for _, t in seen)  # probed with the longest example
     assert train.largest_batch_size(*args, limit=3) == 3
@@ -232,11 +233,11 @@ def test_batch_size_auto_finds_the_largest_micro_batch_that_fits(cache_dir, monk
 def test_batch_size_auto_off_cuda_and_on_resume(tmp_path):
     tc = C.load_config(CONFIG, ["train.batch_size=auto"])["train"]
     assert tc["batch_size"] == "auto"
-    assert train.resolve_batch_size(tc, None, [], 0, torch.device("cpu"), torch.float32) == 16
+    assert train.resolve_batch_size(tc, None, [], D.collate, torch.device("cpu"), torch.float32) == 16
     saved = tmp_path / "config.yaml"
     C.save_yaml({"train": {"batch_size": 12}}, str(saved))
-    assert train.resolve_batch_size(tc, None, [], 0, torch.device("cpu"), torch.float32, str(saved)) == 12
-    assert train.resolve_batch_size({"batch_size": 4}, None, [], 0, torch.device("cpu"), torch.float32) == 4
+    assert train.resolve_batch_size(tc, None, [], D.collate, torch.device("cpu"), torch.float32, str(saved)) == 12
+    assert train.resolve_batch_size({"batch_size": 4}, None, [], D.collate, torch.device("cpu"), torch.float32) == 4
 
 
 def test_lr_schedule():
