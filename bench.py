@@ -5,6 +5,7 @@ machine noise hits them alike.
     python bench.py --preset 7b --seq 1024 --batch 1 --compare-peft     # on a GPU
     python bench.py --layer --compare-peft                             # one NF4 linear layer
     python bench.py --packing --seq 1024 --batch 8                     # padded vs grouped vs packed
+    python bench.py --loss                                             # loss.py's chunks vs full logits
 
 The model benchmark trains a random-init Qwen2-architecture model (built once, cached on disk) with
 this project's code path: model.load_model (NF4, gradient checkpointing), lora.inject (r=16, alpha=32
@@ -20,6 +21,11 @@ conversations, tokenized; --write-lengths makes the file), cut at --seq, random 
 example labelled; one epoch of them in micro-batches of --batch, laid out three ways by the code train.py
 uses: padded in random order, padded with data.group_by_length, and packed (data.packing). Throughput
 counts the examples' own tokens, not the padding.
+
+--loss measures the loss alone: one forward + backward of loss.linear_cross_entropy against the plain
+F.cross_entropy(h @ W.T) on the full logits (upcast to fp32, as transformers does), for Qwen2.5-7B's head
+(hidden 3584, vocab 152,064, frozen) and 4 x 1024 labelled tokens, in fp32 and bf16, each in a process
+of its own: peak memory above the inputs, and time.
 
 peft is used here only as the reference we compare against.
 """
@@ -40,6 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data as D
 import lora
@@ -442,6 +449,53 @@ def write_lengths(source: str, cache_dir: str, out: str = LENGTHS) -> None:
     print(f"{out}: {len(lengths)} conversations ({skipped} left out), median {int(np.median(lengths))} tokens")
 
 
+LOSS_CHUNKS = {"plain": None, "chunks of 2^22": 2**22, "chunks of 2^25": 2**25}  # logits per chunk
+
+
+def loss_worker(impl: str, dtype_name: str, args: argparse.Namespace, conn: Connection) -> None:
+    """One loss implementation in its own process: (seconds of forward + backward, peak MiB above the inputs)."""
+    import loss as L
+
+    device = M.resolve_device(args.device)
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(args.tokens, args.hidden, generator=g) / 8).to(device, dtype).requires_grad_()
+    weight = (torch.randn(args.vocab, args.hidden, generator=g) / 8).to(device, dtype)  # a frozen lm_head
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(device)
+    peak_reset(device)
+    base = peak_mib(device)
+    t = time.perf_counter()
+    if impl == "plain":
+        total = F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
+    else:
+        total, _ = L.linear_cross_entropy(hidden, weight, labels, chunk_elements=LOSS_CHUNKS[impl])
+    total.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    conn.send((time.perf_counter() - t, peak_mib(device) - base))
+
+
+def bench_loss(args: argparse.Namespace) -> None:
+    """The loss alone, plain against chunked (at CPU's and GPU's default chunk), fp32 and bf16; one process
+    each, one after the other."""
+    ctx = mp.get_context("spawn")
+    print(
+        f"loss alone: hidden {args.hidden}, vocab {args.vocab}, {args.tokens} labelled tokens, frozen output "
+        "weight; one forward + backward; peak above the inputs"
+    )
+    for dtype_name in ("float32", "bfloat16"):
+        for impl in LOSS_CHUNKS:
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=loss_worker, args=(impl, dtype_name, args, there), daemon=True)
+            proc.start()
+            seconds, peak = here.recv()
+            proc.join()
+            row = {"impl": impl, "dtype": dtype_name, "seconds": round(seconds, 2), "peak_mib": round(peak, 1)}
+            print(
+                json.dumps(row) if args.json else f"{impl:>15} {dtype_name:>8}: {seconds:7.2f} s  peak {peak:8.0f} MiB"
+            )
+
+
 def model_flops_per_token(shape: dict[str, int | bool], args: argparse.Namespace) -> float:
     """Model FLOPs of one training token (no recomputation counted): forward 2N and the input gradient
     2N for the frozen linear layers, 6N for the adapters, attention scores both ways, and lm_head on
@@ -581,10 +635,15 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=0, help="the device's bf16 peak, for MFU")
     ap.add_argument("--cache-dir", default=".cache")
     ap.add_argument("--packing", action="store_true", help="ragged examples: padded vs grouped vs packed")
+    ap.add_argument("--loss", action="store_true", help="the loss alone: loss.py's chunks vs the full logits")
+    ap.add_argument("--tokens", type=int, default=4096, help="--loss: labelled tokens")
     ap.add_argument("--examples", type=int, default=128, help="--packing: examples in the epoch")
     ap.add_argument("--lengths", default=LENGTHS, help="--packing: a JSON file with a list of token counts")
     ap.add_argument("--write-lengths", metavar="SHAREGPT_JSON", help="make data/sharegpt_lengths.json, then stop")
     args = ap.parse_args()
+    if args.loss:
+        args.hidden, args.vocab = args.hidden or 3584, 152064 if args.vocab == 32000 else args.vocab
+        return bench_loss(args)
     if args.write_lengths:
         return write_lengths(args.write_lengths, args.cache_dir)
     args.hidden = args.hidden or (1024 if args.layer else 512)

@@ -41,6 +41,7 @@ import data as D
 import fedavg
 import infer
 import lora
+import loss as L
 import model as M
 import train
 
@@ -636,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         names = ["global"] + ([] if mode == "global_only" else ["local"])
         train.add_adapters(model, lc, names)  # all trainable: the most a client ever trains at once (joint mode)
         everyone = [e for train_ex, _ in examples.values() for e in train_ex]
-        train.check_loss(model, everyone[0], tok.pad_token_id, device, dtype)
+        L.check_loss(model, everyone[0]["input_ids"][-64:], everyone[0]["labels"][-64:], dtype)
         if cfg["data"]["packing"]:
             train.check_packing(model, everyone[0], device, dtype)
         cfg["train"]["batch_size"] = train.resolve_batch_size(

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node N train.py config.yaml ...        # data-parallel over N GPUs (or CPU processes)
 
 Reading order: main(), which is the whole run top to bottom, then the pieces it calls in that order: the
-loss, one optimizer step, the batches, evaluation, checkpoints and the few data-parallel helpers. The
-config (defaults, checks, overrides) lives in config.py; federated.py reuses the pieces here.
+packing check, one optimizer step, the batches, evaluation, checkpoints and the few data-parallel helpers.
+The loss is loss.py's (cross-entropy on the labelled tokens, in chunks); the config (defaults, checks,
+overrides) lives in config.py; federated.py reuses the pieces here.
 """
 
 import functools
@@ -22,15 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.autograd.function import FunctionCtx
 
 import config as C
 import data as D
 import infer
 import lora
+import loss as L
 import model as M
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not train_ex:
             raise D.DataError(f"{cfg['data']['train_file']}: no example fits data.max_seq_len")
         add_adapters(model, lc, ["default"])
-        check_loss(model, train_ex[0], tok.pad_token_id, device, dtype)
+        L.check_loss(model, train_ex[0]["input_ids"][-64:], train_ex[0]["labels"][-64:], dtype)
         if cfg["data"]["packing"]:
             check_packing(model, train_ex[0], device, dtype)
         collate = collator(cfg, model, tok.pad_token_id)
@@ -240,160 +240,7 @@ def add_adapters(model: nn.Module, lc: dict, names: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loss: cross-entropy on response tokens only, in chunks, from the final hidden states
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(logits_i, labels_i), a chunk of rows at a time, with the gradient computed in the forward pass.
-
-    The logits are what the model's own forward computes after lm_head (transformers' *ForCausalLM):
-
-        z = scale * (hidden @ weight.T + bias)        scale: Cohere's logit_scale, 1 / Granite's logits_scaling
-        logits = softcap * tanh(z / softcap)           Gemma 2's final logit soft-capping (else logits = z)
-
-    Each chunk's logits live only while that chunk is processed: softmax(logits) minus the one-hot label
-    is the gradient of the logits, and the chain rule through the transform is one factor per logit,
-
-        d logits / d (hidden @ weight.T) = scale * (1 - tanh^2(z / softcap)) = scale * (1 - (logits / softcap)^2)
-
-    so g = (softmax - onehot) * that factor, and grad_hidden = g @ weight is taken right there and kept
-    ((N, H) in fp32, small next to the logits); backward only scales it. Compared with checkpointing each
-    chunk, that is one lm_head matmul less per chunk (no recompute), for that one (N, H) tensor held until
-    backward. (Liger-Kernel's fused linear cross-entropy does the same in Triton; this is the plain
-    PyTorch form.)
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        chunk_size: int,
-        scale: float = 1.0,
-        softcap: float | None = None,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """hidden (N, H), weight (V, H), labels (N,), bias (V,) -> the summed loss, a fp32 scalar."""
-        want_h, want_w = ctx.needs_input_grad[:2]
-        if bias is not None and bias.requires_grad:
-            raise ValueError("LinearCrossEntropy does not train the output layer's bias; freeze it")
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for i in range(0, labels.numel(), chunk_size):
-            h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
-            out = F.linear(h, weight, bias)  # (n, V), the compute dtype under autocast
-            probs = out.float()  # the logits, in fp32; softmax and then its gradient, in place, below
-            if scale != 1:
-                probs = probs * scale
-            if softcap is not None:
-                probs = softcap * torch.tanh(probs / softcap)
-            lse = torch.logsumexp(probs, dim=-1)
-            total += (lse - probs.gather(1, y[:, None]).squeeze(1)).sum()
-            if want_h or want_w:
-                factor = None if softcap is None else 1 - (probs / softcap).square()  # before probs is overwritten
-                probs.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(y), device=y.device), y] -= 1  # d CE / d logits
-                if factor is not None:
-                    probs.mul_(factor)
-                if scale != 1:
-                    probs.mul_(scale)  # now d CE / d (hidden @ weight.T)
-                g = probs.to(out.dtype)
-                if want_h:
-                    grad_h[i : i + chunk_size] = g @ weight
-                if want_w:
-                    grad_w += g.t() @ h
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = hidden.dtype, weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad_total: torch.Tensor) -> tuple:
-        """The gradients kept by forward, times the upstream gradient."""
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        return (
-            None if grad_h is None else (grad_h * grad_total).to(h_dtype),
-            None if grad_w is None else (grad_w * grad_total).to(w_dtype),
-            *(None,) * 5,  # labels, chunk_size, scale, softcap, bias
-        )
-
-
-def logit_transform(config: object) -> tuple[float, float | None]:
-    """(scale, softcap) of what a transformers causal LM does to lm_head's output before its loss.
-
-    Cohere multiplies by config.logit_scale, Granite divides by config.logits_scaling, Gemma 2 (and Gemma 3
-    where set) soft-caps with config.final_logit_softcapping. Others: (1.0, None). check_loss verifies the
-    result against the model's own loss, so an architecture that does something else is refused, not
-    trained on another function.
-    """
-    scale = getattr(config, "logit_scale", None) or 1.0
-    if getattr(config, "logits_scaling", None):
-        scale = scale / config.logits_scaling
-    return float(scale), getattr(config, "final_logit_softcapping", None)
-
-
-def loss_sum(model: nn.Module, batch: Batch, chunk_elements: int | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over positions with a label, number of such positions).
-
-    The usual `model(**batch).loss` builds (B, T, vocab) fp32 logits: 4.9 GB at B*T = 8k tokens for
-    Qwen's 152k vocabulary. Here only the labelled positions (the responses) go through lm_head and the
-    model's logit transform (logit_transform), in chunks of at most chunk_elements logits, with their
-    gradient taken on the spot (LinearCrossEntropy). The result equals transformers' own loss
-    (tests/test_train.py, tests/test_architectures.py).
-
-    Default chunk: 2^25 logits (128 MiB in fp32) on a GPU, where bigger chunks keep lm_head's matmuls
-    efficient; 2^22 (16 MiB) on a CPU, where the softmax passes over a chunk then run in cache (a
-    whole training step measured 4% to 14% faster than with 2^25: bench.py's CPU shape).
-    """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}  # a packed batch: position_ids, no attention_mask
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = labels != D.IGNORE_INDEX
-    hidden, labels = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
-    head = model.get_output_embeddings()
-    if chunk_elements is None:
-        chunk_elements = 2**22 if hidden.device.type == "cpu" else 2**25
-    chunk = max(1, chunk_elements // head.weight.shape[0])
-    scale, softcap = logit_transform(model.config)
-    return LinearCrossEntropy.apply(hidden, head.weight, labels, chunk, scale, softcap, head.bias), labels.numel()
-
-
-@torch.no_grad()
-def check_loss(model: nn.Module, example: Example, pad_id: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse a model whose loss loss_sum does not reproduce: on the last 64 tokens of one example, its
-    mean must equal transformers' own `model(..., labels=...).loss` (which builds the full logits).
-
-    Raises:
-        M.ModelError: the output layer is not a plain nn.Linear (an adapter on lm_head, say), or the two
-            losses differ by more than rounding (an architecture whose head does something else).
-    """
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise M.ModelError(
-            f"{type(model).__name__}'s output layer is a {type(head).__name__}, not a plain nn.Linear, so the "
-            "chunked loss cannot use it (lm_head cannot take an adapter: leave it out of lora.target_modules)"
-        )
-    batch = {k: v.to(device) for k, v in D.collate([{k: v[-64:] for k, v in example.items()}], pad_id).items()}
-    was_training = model.training
-    model.eval()
-    # lm_head's output in fp32, so the model's own transform after it runs in fp32 as ours does: then the
-    # two differ by summation order only (~1e-7), not by bf16 rounding of the logits (~1e-3)
-    upcast = head.register_forward_hook(lambda module, args, out: out.float())
-    try:
-        with M.autocast(device, dtype):
-            ours, n = loss_sum(model, batch)
-            theirs = model(**batch).loss.float()
-    finally:
-        upcast.remove()
-        model.train(was_training)
-    ours = ours / max(n, 1)
-    if not torch.isclose(ours, theirs, rtol=1e-4, atol=1e-5):
-        raise M.ModelError(
-            f"{type(model).__name__}: the chunked loss ({ours.item():.4f}) differs from the model's own "
-            f"({theirs.item():.4f}) on one example, so this architecture's output head is not supported"
-        )
+# Packing: the check that a model masks packed rows as collate_packed lays them out
 
 
 @torch.no_grad()
@@ -470,7 +317,7 @@ def train_step(
     for mb in micro_batches:
         mb = {k: v.to(device) for k, v in mb.items()}
         with M.autocast(device, dtype):
-            loss, _ = loss_sum(model, mb)
+            loss, _ = L.loss_sum(model, mb)
         loss = loss / max(n_tokens, 1)
         if not torch.isfinite(loss):
             total = math.inf
@@ -549,7 +396,7 @@ def largest_batch_size(
         batch = {k: v.to(device) for k, v in collate(longest * n).items()}
         try:
             with M.autocast(device, dtype):
-                loss, _ = loss_sum(model, batch)
+                loss, _ = L.loss_sum(model, batch)
             loss.backward()
             return True
         except torch.cuda.OutOfMemoryError:
@@ -626,7 +473,7 @@ def evaluate(
     for idx in D.batch_indices([len(e["input_ids"]) for e in examples], batch_size, 0, 0, True)[rank::world]:
         batch = {k: v.to(device) for k, v in collate([examples[j] for j in idx]).items()}
         with M.autocast(device, dtype):
-            loss, n = loss_sum(model, batch)
+            loss, n = L.loss_sum(model, batch)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     total, count = all_sum([total, count])

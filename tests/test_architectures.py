@@ -12,6 +12,7 @@ import transformers
 import data as D
 import infer
 import lora
+import loss as L
 import merge
 import model as M
 import train
@@ -102,7 +103,7 @@ def test_loss_and_gradients_equal_transformers(family, arch_dir):
     model, tok = load(arch_dir(family))
     params = with_random_adapter(model)
     batch = demo_batch(tok)
-    total, n = train.loss_sum(model, batch)
+    total, n = L.loss_sum(model, batch)
     ours = torch.autograd.grad(total / n, params)
     loss = model(**batch).loss  # transformers: full logits, its own transform, then cross-entropy
     theirs = torch.autograd.grad(loss, params)
@@ -110,7 +111,7 @@ def test_loss_and_gradients_equal_transformers(family, arch_dir):
     for a, b in zip(ours, theirs, strict=True):
         assert relative(a, b) <= 1e-5
     if family in ("gemma2", "cohere", "granite"):  # the transform matters here: without it the loss is another
-        assert train.logit_transform(model.config) != (1.0, None)
+        assert L.logit_transform(model.config) != (1.0, None)
 
 
 @pytest.mark.parametrize("family", ARCHS)
@@ -195,15 +196,15 @@ def test_a_head_the_loss_does_not_reproduce_is_refused(arch_dir, monkeypatch):
     """check_loss compares with transformers' own loss: Cohere with its logit_scale ignored must fail."""
     model, tok = load(arch_dir("cohere"))
     example = D.tokenize_records(tok, D.load_records(os.path.join(ROOT, "data/demo.json"))[:1], 64)[0]
-    train.check_loss(model, example, tok.pad_token_id, torch.device("cpu"), torch.float32)  # the real transform
-    monkeypatch.setattr(train, "logit_transform", lambda config: (1.0, None))
-    with pytest.raises(M.ModelError, match="CohereForCausalLM: the chunked loss .* differs from the model's own"):
-        train.check_loss(model, example, tok.pad_token_id, torch.device("cpu"), torch.float32)
+    L.check_loss(model, example["input_ids"], example["labels"])  # the real transform
+    monkeypatch.setattr(L, "logit_transform", lambda config: (1.0, None))
+    with pytest.raises(ValueError, match="CohereForCausalLM: the chunked loss .* differs from the model's own"):
+        L.check_loss(model, example["input_ids"], example["labels"])
 
 
 def test_an_adapter_on_lm_head_is_refused(arch_dir):
     model, tok = load(arch_dir("llama"))
     lora.inject(model, ["lm_head"], r=2)
     example = D.tokenize_records(tok, D.load_records(os.path.join(ROOT, "data/demo.json"))[:1], 64)[0]
-    with pytest.raises(M.ModelError, match="output layer is a LoRALinear, not a plain nn.Linear"):
-        train.check_loss(model, example, tok.pad_token_id, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="output layer is a LoRALinear, not a plain nn.Linear"):
+        L.check_loss(model, example["input_ids"], example["labels"])

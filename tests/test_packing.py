@@ -19,6 +19,7 @@ import config as C
 import data as D
 import federated
 import lora
+import loss as L
 import model as M
 import train
 from conftest import run_main, tiny_dir
@@ -85,7 +86,7 @@ def packed_model(request, arch):
 
 
 def loss_and_grads(model, params, batch):
-    total, n = train.loss_sum(model, batch)
+    total, n = L.loss_sum(model, batch)
     return total / n, n, torch.autograd.grad(total / n, params)
 
 
@@ -228,7 +229,7 @@ def test_batch_size_probe_measures_packed_micro_batches(cache_dir, monkeypatch):
     lora.inject(model, ["q_proj"], r=2)
     lora.mark_trainable(model, ["default"])
     exs = examples(tok)
-    real, seen = train.loss_sum, []
+    real, seen = L.loss_sum, []
 
     def loss_sum(model, batch, **kw):  # a GPU with room for two rows
         seen.append("position_ids" in batch)
@@ -236,7 +237,7 @@ def test_batch_size_probe_measures_packed_micro_batches(cache_dir, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real(model, batch, **kw)
 
-    monkeypatch.setattr(train, "loss_sum", loss_sum)
+    monkeypatch.setattr(L, "loss_sum", loss_sum)
     longest = max(len(e["input_ids"]) for e in exs)
     rows_of_two = functools.partial(D.collate_packed, pad_id=tok.pad_token_id, max_len=2 * longest)
     cpu, f32 = torch.device("cpu"), torch.float32

@@ -11,6 +11,7 @@ import torch
 
 import data as D
 import lora
+import loss as L
 import merge
 import model as M
 import train
@@ -102,7 +103,7 @@ def test_our_loss_equals_transformers_loss(loaded):
     model, tok = loaded
     b = batch(tok)
     with torch.no_grad():
-        ours, n = train.loss_sum(model, b)
+        ours, n = L.loss_sum(model, b)
         shifted = b["labels"].clone()
         theirs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=shifted).loss
     assert n == int((b["labels"][:, 1:] != -100).sum())
@@ -121,7 +122,7 @@ def test_a_few_steps_on_nf4_lower_the_held_out_loss(dora, loaded):
 
     def loss(b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            total, n = train.loss_sum(model, b)
+            total, n = L.loss_sum(model, b)
         return total / n
 
     with torch.no_grad():
