@@ -385,7 +385,7 @@ def test_second_run_into_the_same_directory_refuses(cache_dir, tmp_path, capsys)
 def test_nonfinite_loss_skips_then_stops(cache_dir, tmp_path, capsys, monkeypatch):
     real = L.loss_sum
     monkeypatch.setattr(
-        train, "loss_sum", lambda m, b, **k: (real(m, b)[0] * float("nan"), 1) if m.training else real(m, b, **k)
+        L, "loss_sum", lambda m, b, **k: (real(m, b)[0] * float("nan"), 1) if m.training else real(m, b, **k)
     )
     code, _, err = run_main(train.main, small_run(cache_dir, tmp_path / "run", "train.max_bad_steps=3"), capsys)
     assert code == 2
