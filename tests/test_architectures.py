@@ -43,29 +43,34 @@ PROJECTIONS = {
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def save_tiny(family, cache_dir, path, **extra):
+    """A tiny random-init model of `family` (ARCHS, plus `extra` config) with the tiny model's tokenizer,
+    saved in `path`; returns path."""
+    config_cls, model_cls, arch_extra = ARCHS[family]
+    tok = M.load_tokenizer(tiny_dir(cache_dir))
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False, **arch_extra, **extra,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(config).float()
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # logits up to ~20: Gemma 2's soft-cap acts
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def arch_dir(cache_dir, tmp_path_factory):
-    """family -> a saved tiny model of that family (with the tiny model's tokenizer), built on first use."""
+    """family -> a saved tiny model of that family (save_tiny), built on first use."""
     built = {}
 
     def get(family):
         if family not in built:
-            config_cls, model_cls, extra = ARCHS[family]
-            tok = M.load_tokenizer(tiny_dir(cache_dir))
-            config = getattr(transformers, config_cls)(
-                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                tie_word_embeddings=False, **extra,
-            )  # fmt: skip
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                model = getattr(transformers, model_cls)(config).float()
-                torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # logits up to ~20: Gemma 2's soft-cap acts
-            path = str(tmp_path_factory.mktemp(family))
-            model.save_pretrained(path)
-            tok.save_pretrained(path)
-            built[family] = path
+            built[family] = save_tiny(family, cache_dir, str(tmp_path_factory.mktemp(family)))
         return built[family]
 
     return get

@@ -23,7 +23,7 @@ import loss as L
 import model as M
 import train
 from conftest import run_main, tiny_dir
-from test_architectures import ARCHS, relative, with_random_adapter
+from test_architectures import relative, save_tiny, with_random_adapter
 from test_train import CONFIG, ROOT, small_run, tiny
 
 FAMILIES = ["llama", "qwen2", "gemma2"]
@@ -38,21 +38,7 @@ def arch(cache_dir, tmp_path_factory):
     def get(family, **extra):
         key = (family, *sorted(extra.items()))
         if key not in built:
-            config_cls, model_cls, arch_extra = ARCHS[family]
-            tok = M.load_tokenizer(tiny_dir(cache_dir))
-            config = getattr(transformers, config_cls)(
-                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                tie_word_embeddings=False, **arch_extra, **extra,
-            )  # fmt: skip
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                model = getattr(transformers, model_cls)(config).float()
-            path = str(tmp_path_factory.mktemp(family))
-            model.save_pretrained(path)
-            tok.save_pretrained(path)
-            built[key] = path
+            built[key] = save_tiny(family, cache_dir, str(tmp_path_factory.mktemp(family)), **extra)
         return built[key]
 
     return get
