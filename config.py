@@ -87,6 +87,7 @@ DEFAULTS: Config = {
         local_weight_decay=5.0,
         min_clients=1,
         round_timeout=600.0,
+        aggregation="fedavg",
         server_optimizer="fedavg",
         server_lr=1.0,
         max_new_tokens=8,
@@ -115,6 +116,7 @@ CHOICES = {
     "data.partition": ("iid", "dirichlet"),
     "data.train_on": D.TRAIN_ON,
     "federated.mode": ("alternating", "joint", "global_only"),
+    "federated.aggregation": ("fedavg", "ffa", "fedsa", "stack"),
     "federated.server_optimizer": ("fedavg", "fedavgm", "fedadam"),
     "federated.sampling": ("auto", "fixed", "poisson"),
 }

@@ -36,7 +36,20 @@ the clients stay near their common starting point, which is why FedAvg of LoRA f
 but it is an approximation, and the gap grows with local steps and client heterogeneity. Other methods
 change what is sent, e.g. FedSA-LoRA (Guo et al. 2025) aggregates only A and keeps each client's B local.
 DoRA's magnitude is averaged like any parameter, and is approximate for the same reason (the row norm is
-not linear).
+not linear). fedavg_error measures the missing term on real uploads.
+
+Three ways around it, each exact (federated.py's federated.aggregation picks one):
+
+    ffa    FFA-LoRA (Sun et al., ICLR 2024): A stays at its shared random init, only B trains and is sent:
+           sum_k p_k B_k A = B_avg A. Half the upload; under DP the noise lands on B alone.
+    fedsa  FedSA-LoRA (Guo et al. 2025): only A is sent and averaged; each client keeps its own B. Nothing
+           is averaged across factors, so there is no cross term; the global update differs per client.
+    stack  FLoRA (Wang et al. 2024): the server concatenates the factors (stack_lora),
+
+               B = [p_1 s B_1, ..., p_K s B_K]  (out, K r),    A = [A_1; ...; A_K]  (K r, in),
+
+           so B A = sum_k p_k s B_k A_k exactly, at rank K r. The clients train a fresh adapter next round on
+           top of the stack, which grows by K r every round.
 
 This file needs only torch and the standard library (and dp-accounting for dp_epsilon, imported there);
 copy it anywhere.
@@ -152,6 +165,75 @@ def sample_clients(
 
     rng = random.Random(f"sample_clients:{seed}:{round}")  # a str seed is hashed with SHA-512: stable
     return [clients[i] for i in sorted(rng.sample(range(n), count))]
+
+
+def lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """{layer: (key of A, key of B)} for the layers whose A and B are both in `state` (PEFT's key names)."""
+    a_keys = {k[: -len(".lora_A.weight")]: k for k in state if k.endswith(".lora_A.weight")}
+    return {layer: (a, f"{layer}.lora_B.weight") for layer, a in a_keys.items() if f"{layer}.lora_B.weight" in state}
+
+
+def fedavg_error(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, float]:
+    """{layer: ||sum_k p_k B_k A_k - B_avg A_avg||_F / ||sum_k p_k B_k A_k||_F}: how far FedAvg of the
+    factors is from the weighted mean of the clients' updates (the covariance term of the module doc), per
+    layer whose A and B the states hold; p_k = w_k / sum w, as in weighted_average. 0 where the exact
+    mean is zero (e.g. every B still zero).
+
+    No (out, in) matrix is formed: with U = [p_1 B_1 ... p_K B_K, -B_avg] and V = [A_1; ...; A_K; A_avg],
+    the difference is U V and ||U V||_F^2 = sum((U^T U) * (V V^T)), matrices of size (K+1) r. In float64.
+    """
+    if len(states) != len(weights) or not states:
+        raise ValueError(f"got {len(states)} states and {len(weights)} weights; need as many, at least one")
+    total = math.fsum(weights)
+    p = [w / total for w in weights]
+    out = {}
+    for layer, (ka, kb) in lora_pairs(states[0]).items():
+        A = [s[ka].double().cpu() for s in states]
+        B = [s[kb].double().cpu() for s in states]
+        A_avg = sum(pk * a for pk, a in zip(p, A, strict=True))
+        B_avg = sum(pk * b for pk, b in zip(p, B, strict=True))
+        U = torch.cat([pk * b for pk, b in zip(p, B, strict=True)], 1)  # (out, K r)
+        V = torch.cat(A, 0)  # (K r, in)
+        exact = ((U.t() @ U) * (V @ V.t())).sum()  # ||sum_k p_k B_k A_k||_F^2
+        U2, V2 = torch.cat([U, -B_avg], 1), torch.cat([V, A_avg], 0)
+        diff = ((U2.t() @ U2) * (V2 @ V2.t())).sum().clamp_min(0)  # rounding can make it a hair below 0
+        out[layer] = 0.0 if exact <= 0 else math.sqrt(diff.item() / exact.item())
+    return out
+
+
+def stack_lora(
+    stacked: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]], weights: list[float], scale: float
+) -> dict[str, torch.Tensor]:
+    """FLoRA's aggregation: `stacked` (the sum of earlier rounds, as A and B of rank R; {} at the start)
+    with each client's factors appended, B_k weighted by p_k s:
+
+        B' = [B, p_1 s B_1, ..., p_K s B_K],   A' = [A; A_1; ...; A_K],   B' A' = B A + sum_k p_k s B_k A_k
+
+    exactly (s is the clients' LoRA scaling: the result is used with scaling 1). Rank R + K r; fp32.
+
+    Raises:
+        ValueError: states without A/B pairs, or with DoRA magnitudes (DoRA's row norm is no sum of
+            products), or layers that differ from the stack's.
+    """
+    if not states or len(states) != len(weights):
+        raise ValueError(f"got {len(states)} states and {len(weights)} weights; need as many, at least one")
+    for i in range(1, len(states)):
+        _check_like(states[0], states[i], "state 0", f"state {i}")
+    if any(k.endswith("lora_magnitude_vector") for k in states[0]):
+        raise ValueError("DoRA adapters cannot be stacked: the row norm of W + s B A is no sum of products")
+    pairs = lora_pairs(states[0])
+    if not pairs or len(states[0]) != 2 * len(pairs):
+        raise ValueError("stacking needs states made of LoRA A/B pairs")
+    if stacked and lora_pairs(stacked).keys() != pairs.keys():
+        raise ValueError("the clients' adapters are on other layers than the stack's")
+    total = math.fsum(weights)
+    p = [w / total for w in weights]
+    out = {}
+    for ka, kb in pairs.values():
+        old_A, old_B = ([stacked[ka].float()], [stacked[kb].float()]) if stacked else ([], [])
+        out[ka] = torch.cat(old_A + [s[ka].float() for s in states], 0)
+        out[kb] = torch.cat(old_B + [s[kb].float() * (pk * scale) for pk, s in zip(p, states, strict=True)], 1)
+    return out
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -20,6 +20,12 @@ After aggregation every client is evaluated on its own eval split with the adapt
 global+local (eval loss, and exact match of greedy generations). Prompts that different clients answer
 differently (the demo's "translate" task) are reported apart: one averaged adapter cannot serve them all.
 
+What of the global adapter is sent and how the server combines it is federated.aggregation (fedavg.py
+derives each): fedavg averages A and B (approximate: the mean of products is not the product of means);
+ffa freezes A at its shared init and averages B; fedsa averages A and leaves each client its own B; stack
+concatenates the clients' factors so that the sum of their products is exact, and the clients train a
+fresh adapter on top of that frozen stack each round.
+
 With federated.dp_clip > 0 the global adapter is released under client-level differential privacy
 (DP-FedAvg): each client clips its update, clients are Poisson-sampled, the server adds Gaussian noise to
 an equal-weight mean and reports the epsilon spent (fedavg.py has the formulas; README: "Privacy").
@@ -30,7 +36,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +56,13 @@ if TYPE_CHECKING:
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "metrics.png", "round_*")  # what a run writes in its output_dir
 VIEWS = {"global": ["global"], "local": ["local"], "global+local": ["global", "local"]}
+SHARED = {  # federated.aggregation: the tensors of the global adapter that a client sends (PEFT key endings)
+    "fedavg": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"),
+    "ffa": ("lora_B.weight", "lora_magnitude_vector"),  # A: the shared random init, frozen, known to all
+    "fedsa": ("lora_A.weight",),  # B (and DoRA's magnitude) stay with each client
+    "stack": ("lora_A.weight", "lora_B.weight"),  # the clients' fresh adapters, stacked by the server
+}
+STACKED = "stacked"  # aggregation stack: the frozen adapter holding the sum of the rounds so far
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,6 +103,38 @@ def prompt_key(record: D.Record) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# What is shared: federated.aggregation
+
+
+def split(state: dict[str, torch.Tensor], aggregation: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the tensors a client sends, those it keeps) of a global adapter state, as federated.aggregation says."""
+    sent = {k: v for k, v in state.items() if k.endswith(SHARED[aggregation])}
+    return sent, {k: v for k, v in state.items() if k not in sent}
+
+
+def load_stack(model: nn.Module, state: dict[str, torch.Tensor], targets: str | list[str]) -> list[str]:
+    """Put stack's sum of past rounds into the model as the adapter "stacked" (scaling 1, the state's
+    rank, on the layers `targets` names); returns ["stacked"], or [] (and no such adapter) while the stack
+    is empty. Its rank changes every round, so the adapter is rebuilt when the rank differs."""
+    if not state:
+        lora.remove_adapter(model, STACKED)
+        return []
+    r = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+    layers = [m for m in model.modules() if isinstance(m, lora.LoRALinear) and STACKED in m.config]
+    if not layers or layers[0].config[STACKED]["r"] != r:
+        lora.remove_adapter(model, STACKED)
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG alone
+            lora.inject(model, targets, STACKED, r=r, alpha=r)
+    lora.load_adapter_state_dict(model, state, STACKED)
+    return [STACKED]
+
+
+def lora_scale(lc: dict[str, Any]) -> float:
+    """The LoRA scaling s of the lora section: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return lc["alpha"] / (math.sqrt(lc["r"]) if lc["use_rslora"] else lc["r"])
+
+
+# ----------------------------------------------------------------------------------------------------
 # One client's turn
 
 
@@ -122,13 +167,18 @@ def train_adapter(
     """train.py's optimizer step, `steps` times, on the `trainable` adapters with `active` ones on.
 
     A fresh AdamW each call unless optimizer_state (from an earlier call) is given; its weight decay is
-    train.weight_decay unless weight_decay is given. Returns (mean loss, optimizer state on the CPU).
+    train.weight_decay unless weight_decay is given. With federated.aggregation ffa the global adapter's A
+    stays frozen. Returns (mean loss, optimizer state on the CPU).
     """
     tc = cfg["train"]
     weight_decay = tc["weight_decay"] if weight_decay is None else weight_decay
     lora.set_active(model, active)
     lora.mark_trainable(model, trainable)
-    params = list(lora.adapter_parameters(model, trainable))
+    if cfg["federated"]["aggregation"] == "ffa":  # FFA-LoRA: A keeps the init every client shares
+        for name, p in model.named_parameters():
+            if name.endswith("lora_A.global"):
+                p.requires_grad_(False)
+    params = [p for p in lora.adapter_parameters(model, trainable) if p.requires_grad]
     optimizer = train.make_optimizer(params, lr, weight_decay, device)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -158,8 +208,10 @@ def client_update(
     dtype: torch.dtype,
     pad_id: int,
     local_optimizer: dict[str, Any] | None = None,
+    frozen: list[str] = (),
 ) -> tuple[float, dict[str, Any] | None]:
-    """Train one client, whose global and local states are loaded.
+    """Train one client, whose global and local states are loaded; the adapters `frozen` (stack's sum of
+    past rounds) are on wherever the global one is, and never train.
 
     The global adapter gets a fresh AdamW every round, as in FedAvg: the server replaces its weights, so
     old moments would not fit them. The local adapter is one long training that never leaves the client,
@@ -172,12 +224,12 @@ def client_update(
     this client never saw.
     Returns (mean loss of the last phase, the local adapter's optimizer state or None).
     """
-    fc = cfg["federated"]
+    fc, frozen = cfg["federated"], list(frozen)
     args = (examples, fc["global_steps"], lr, cfg, seed, device, dtype, pad_id)
     if mode == "alternating":
         _, local_optimizer = train_adapter(
             model,
-            ["global", "local"],
+            [*frozen, "global", "local"],
             ["local"],
             examples,
             fc["local_steps"],
@@ -190,10 +242,10 @@ def client_update(
             local_optimizer,
             fc["local_weight_decay"],
         )
-        return train_adapter(model, ["global"], ["global"], *args)[0], local_optimizer
+        return train_adapter(model, [*frozen, "global"], ["global"], *args)[0], local_optimizer
     if mode == "joint":
-        return train_adapter(model, ["global", "local"], ["global", "local"], *args)[0], None
-    return train_adapter(model, ["global"], ["global"], *args)[0], None
+        return train_adapter(model, [*frozen, "global", "local"], ["global", "local"], *args)[0], None
+    return train_adapter(model, [*frozen, "global"], ["global"], *args)[0], None
 
 
 def is_finite(state: dict[str, torch.Tensor]) -> bool:
@@ -275,8 +327,9 @@ Records = list[D.Record]
 
 
 class Client:
-    """One site: its data, its local adapter and that adapter's AdamW state, on a model it shares with no
-    one (the simulation lends every client the one model in memory, in turn)."""
+    """One site: its data, its local adapter and that adapter's AdamW state, the part of the global adapter
+    it does not send (`kept`: federated.aggregation's; nothing for fedavg), on a model it shares with no one
+    (the simulation lends every client the one model in memory, in turn)."""
 
     def __init__(
         self,
@@ -294,27 +347,44 @@ class Client:
         self.has_local = cfg["federated"]["mode"] != "global_only"
         self.local = lora.adapter_state_dict(model, "local") if self.has_local else None  # the fresh adapter
         self.local_optimizer: dict[str, Any] | None = None
+        self.aggregation = cfg["federated"]["aggregation"]
+        fresh = lora.adapter_state_dict(model, "global")  # every client's is the same: same seed
+        self.kept = fresh if self.aggregation == "stack" else split(fresh, self.aggregation)[1]  # stack: the start
+
+    def load(self, received: dict[str, torch.Tensor]) -> list[str]:
+        """Load the global adapter from what the server sent and what this client keeps, and the local
+        adapter; returns the frozen adapters that go with the global one (stack's sum, once there is one)."""
+        frozen = []
+        if self.aggregation == "stack":
+            frozen = load_stack(self.model, received, self.cfg["lora"]["target_modules"])
+            lora.load_adapter_state_dict(self.model, self.kept, "global")  # a fresh adapter on top, every round
+        else:
+            lora.load_adapter_state_dict(self.model, {**self.kept, **received}, "global")
+        if self.has_local:
+            lora.load_adapter_state_dict(self.model, self.local, "local")
+        return frozen
 
     def fit(
         self, global_state: dict[str, torch.Tensor], task: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], int, float]:
         """Train on the server's global state as `task` says (round, lr, seeds); returns (the trained global
-        adapter to upload, the sample count that weights it, the mean training loss). The local adapter and
-        its optimizer state change only when this returns. Raises whatever training raised, and
-        FloatingPointError for an upload with NaN/inf values."""
-        lora.load_adapter_state_dict(self.model, global_state, "global")
-        if self.has_local:
-            lora.load_adapter_state_dict(self.model, self.local, "local")
+        adapter's shared part to upload, the sample count that weights it, the mean training loss). The local
+        adapter, its optimizer state and the kept part change only when this returns. Raises whatever
+        training raised, and FloatingPointError for an upload with NaN/inf values."""
+        frozen = self.load(global_state)
         torch.manual_seed(task["seed_dropout"])  # dropout: reproducible, also on resume
         loss, local_opt = client_update(
             self.model, self.cfg["federated"]["mode"], self.examples[0], task["lr"], self.cfg, task["seed_data"],
-            self.device, self.dtype, self.tok.pad_token_id, self.local_optimizer,
+            self.device, self.dtype, self.tok.pad_token_id, self.local_optimizer, frozen,
         )  # fmt: skip
-        upload = {k: v.cpu() for k, v in lora.adapter_state_dict(self.model, "global").items()}
-        if not is_finite(upload):
+        trained = {k: v.cpu() for k, v in lora.adapter_state_dict(self.model, "global").items()}
+        if not is_finite(trained):
             raise FloatingPointError("its global adapter has NaN/inf values")
+        upload, kept = (trained, self.kept) if self.aggregation == "stack" else split(trained, self.aggregation)
         if self.cfg["federated"]["dp_clip"] > 0:  # client-level DP: clipped here, so no server sees more
             upload = fedavg.clip_update(upload, global_state, self.cfg["federated"]["dp_clip"])[0]
+        if self.aggregation == "fedsa":  # its own B, trained on
+            self.kept = kept
         if self.has_local:  # the local adapter stays here
             self.local = {k: v.cpu() for k, v in lora.adapter_state_dict(self.model, "local").items()}
             if local_opt is not None:
@@ -326,12 +396,10 @@ class Client:
     ) -> dict[str, dict[str, float | None]]:
         """{view: metrics} on this client's eval split for the views global, local and global+local (global
         only without a local adapter); `conflicts` are the prompts other clients answer differently."""
-        lora.load_adapter_state_dict(self.model, global_state, "global")
-        if self.has_local:
-            lora.load_adapter_state_dict(self.model, self.local, "local")
+        frozen = self.load(global_state)
         rows = {}
         for view in VIEWS if self.has_local else ["global"]:
-            lora.set_active(self.model, VIEWS[view])
+            lora.set_active(self.model, frozen + VIEWS[view] if "global" in VIEWS[view] else VIEWS[view])
             rows[view] = evaluate_client(
                 self.model, self.tok, self.records[1], self.examples[1], conflicts, self.cfg, self.device, self.dtype
             )
@@ -344,16 +412,36 @@ def uses_poisson(fc: dict[str, Any]) -> bool:
 
 
 class Server:
-    """The coordinator: samples the clients of a round and tells each what to do (lr, seeds), averages
-    what they upload (fedavg.weighted_average, then the server optimizer), and holds the global adapter
-    and the round history."""
+    """The coordinator: samples the clients of a round and tells each what to do (lr, seeds), combines
+    what they upload (fedavg.weighted_average then the server optimizer, or fedavg.stack_lora), and holds
+    the shared part of the global adapter (`global_state`: what every client receives) and the round
+    history. `initial` is the fresh global adapter, the same at every client."""
 
-    def __init__(self, cfg: C.Config, clients: list[str], global_state: dict[str, torch.Tensor]) -> None:
-        self.cfg, self.clients, self.global_state = cfg, clients, global_state
+    def __init__(self, cfg: C.Config, clients: list[str], initial: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.clients = cfg, clients
         fc = cfg["federated"]
+        self.aggregation = fc["aggregation"]
+        shared, rest = split(initial, self.aggregation)
+        self.global_state = {} if self.aggregation == "stack" else shared  # stack: nothing stacked yet
+        self.fixed = rest if self.aggregation == "ffa" else {}  # ffa's frozen A, written with each round
         self.optimizer = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
         self.history: list[dict[str, Any]] = []
         self.dp, self.poisson = fc["dp_clip"] > 0, uses_poisson(fc)
+        self.report: dict[str, Any] = {}  # the last round's aggregation figures, for its record
+
+    def adapter(self, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, adapter_config.json) for round_NNN/global, from the global adapter's `config`: the
+        whole adapter (ffa: with its frozen A); fedsa: A alone (each client's B stays with it); stack: the
+        stack, a plain LoRA adapter of its own rank with scaling 1 (alpha = r)."""
+        if self.aggregation != "stack":
+            return {**self.fixed, **self.global_state}, config
+        r = next((v.shape[0] for k, v in self.global_state.items() if k.endswith("lora_A.weight")), 0)
+        plain = dict(r=r, lora_alpha=r, use_rslora=False, use_dora=False, lora_dropout=0.0)
+        return self.global_state, {**config, **plain, "rank_pattern": {}, "alpha_pattern": {}}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back the global state from round_NNN/global's tensors (what adapter() wrote)."""
+        self.global_state = state if self.aggregation == "stack" else split(state, self.aggregation)[0]
 
     def tasks(self, rnd: int) -> list[tuple[str, dict[str, Any]]]:
         """(client, task) for each client sampled in round `rnd`. A task carries all that makes the
@@ -388,11 +476,23 @@ class Server:
     ) -> bool:
         """The new global adapter from the uploads, weighted by sample counts (FedAvg), through the server
         optimizer; with DP (federated.dp_clip > 0) their equal-weight mean plus noise (fedavg.dp_mean)
-        instead. With fewer than federated.min_clients uploads it stays as it was. Returns whether it
-        changed hands (the round's status)."""
+        instead; with aggregation stack, the stack with the uploads appended (fedavg.stack_lora). With
+        fewer than federated.min_clients uploads it stays as it was. Returns whether it changed hands (the
+        round's status). Sets `report`: bytes per upload and per download, and where the uploads hold
+        both factors, how far FedAvg of them is from the exact mean of their products (fedavg_error)."""
         fc = self.cfg["federated"]
         ok = len(uploads) >= fc["min_clients"]
-        if ok and self.dp:  # equal weights over the expected count: see fedavg.dp_mean (sample counts unused)
+        self.report = {
+            "bytes_per_upload": fedavg.state_bytes(uploads[0]) if uploads else None,
+            "bytes_per_download": fedavg.state_bytes(self.global_state),
+        }
+        errors = fedavg.fedavg_error(uploads, [1] * len(uploads) if self.dp else weights) if uploads else {}
+        if errors:
+            self.report["fedavg_error_mean"] = sum(errors.values()) / len(errors)
+            self.report["fedavg_error_max"] = max(errors.values())
+        if ok and self.aggregation == "stack":
+            self.global_state = fedavg.stack_lora(self.global_state, uploads, weights, lora_scale(self.cfg["lora"]))
+        elif ok and self.dp:  # equal weights over the expected count: see fedavg.dp_mean (sample counts unused)
             noise = torch.Generator().manual_seed(self.cfg["train"]["seed"] * 1_000_033 + rnd)  # same on resume
             m = fc["fraction"] * len(self.clients)
             average = fedavg.dp_mean(self.global_state, uploads, fc["dp_clip"], fc["dp_noise"], m, noise)
@@ -428,9 +528,10 @@ def round_summary(
     t0: float,
     t_train: float,
     epsilon: float | None = None,
+    aggregation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The round's record for metrics.jsonl (report_round adds each view's means); `epsilon`, with DP noise:
-    the privacy spent so far."""
+    the privacy spent so far; `aggregation`: the server's report of the round (Server.aggregate)."""
     dp = {} if epsilon is None else {"epsilon": epsilon}
     return {
         "round": rnd,
@@ -443,6 +544,7 @@ def round_summary(
         "lr": tasks[0][1]["lr"] if tasks else None,
         "seconds": round(time.time() - t0, 2),
         "seconds_train": round(t_train, 2),
+        **(aggregation or {}),
         **dp,
     }
 
@@ -474,6 +576,8 @@ def report_round(
         "empty": "  no client sampled; global adapter unchanged",
     }[summary["status"]]
     dp = f", epsilon {summary['epsilon']:.3g}" if "epsilon" in summary else ""
+    if "fedavg_error_mean" in summary:
+        dp += f", FedAvg error {summary['fedavg_error_mean']:.3g} (max {summary['fedavg_error_max']:.3g})"
     print(
         f"round {rnd}/{rounds}: {n_ok}/{n} clients, uploaded "
         f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}{dp}, "
@@ -495,29 +599,33 @@ def save_round(
     out_dir: str,
     rnd: int,
     model: nn.Module,
-    global_state: dict[str, torch.Tensor],
+    server: Server,
     local_states: dict[str, dict[str, torch.Tensor]],
     local_optimizers: dict[str, dict[str, Any]],
-    server: fedavg.ServerOptimizer,
-    history: list[dict[str, int | list[str]]],
+    kept: dict[str, dict[str, torch.Tensor]],
     cfg: C.Config,
     base_path: str,
     keep: int,
 ) -> None:
-    """Write round_NNN (global adapter, local adapters and optimizers, server.pt, config); keep the latest `keep`."""
+    """Write round_NNN (global adapter, local adapters and optimizers, server.pt, config; with aggregation
+    fedsa each client's own global adapter, its B with the shared A, in clients/<name>/global); keep the
+    latest `keep`."""
 
     def write(tmp: str) -> None:
-        lora.load_adapter_state_dict(model, global_state, "global")
-        lora.save_adapter(model, os.path.join(tmp, "global"), "global", base_path)
+        config = lora.adapter_config(model, "global", base_path)
+        lora.write_adapter(os.path.join(tmp, "global"), *server.adapter(config))
+        for client, state in kept.items():
+            lora.write_adapter(os.path.join(tmp, "clients", client, "global"), {**server.global_state, **state}, config)
         for client, state in local_states.items():
             lora.load_adapter_state_dict(model, state, "local")
             lora.save_adapter(model, os.path.join(tmp, "clients", client, "local"), "local", base_path)
             if client in local_optimizers:
                 torch.save(local_optimizers[client], os.path.join(tmp, "clients", client, "local_optimizer.pt"))
         torch.save(
-            {"round": rnd, "server_optimizer": server.state_dict(), "history": history, "rng": train.rng_state()},
+            {"round": rnd, "server_optimizer": server.optimizer.state_dict(), "history": server.history,
+             "rng": train.rng_state()},
             os.path.join(tmp, "server.pt"),
-        )
+        )  # fmt: skip
         C.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
 
     train.write_atomically(os.path.join(out_dir, f"round_{rnd:03d}"), write)
@@ -535,28 +643,22 @@ def latest_round(out_dir: str) -> str | None:
     return os.path.join(out_dir, done[-1]) if done else None
 
 
-def load_round(
-    path: str, clients: Iterable[str]
-) -> tuple[
-    int,
-    dict[str, torch.Tensor],
-    dict[str, dict[str, torch.Tensor]],
-    dict[str, dict[str, Any]],
-    dict[str, Any],
-    list[dict[str, int | list[str]]],
-]:
-    """(round, global state, local states, local optimizer states, server optimizer state, history)."""
+def load_round(path: str, server: Server, sites: dict[str, Client]) -> int:
+    """Give the server and the clients back what save_round wrote in `path`; returns its round."""
     state = torch.load(os.path.join(path, "server.pt"), weights_only=False)
-    global_state = lora.read_adapter(os.path.join(path, "global"))[1]
-    local_states, local_optimizers = {}, {}
-    for client in clients:
-        client_dir = os.path.join(path, "clients", client)
+    server.restore(lora.read_adapter(os.path.join(path, "global"))[1])
+    server.optimizer.load_state_dict(state["server_optimizer"])
+    server.history = state["history"]
+    for name, client in sites.items():
+        client_dir = os.path.join(path, "clients", name)
         if os.path.isdir(os.path.join(client_dir, "local")):
-            local_states[client] = lora.read_adapter(os.path.join(client_dir, "local"))[1]
+            client.local = lora.read_adapter(os.path.join(client_dir, "local"))[1]
         if os.path.isfile(os.path.join(client_dir, "local_optimizer.pt")):
-            local_optimizers[client] = torch.load(os.path.join(client_dir, "local_optimizer.pt"), weights_only=False)
+            client.local_optimizer = torch.load(os.path.join(client_dir, "local_optimizer.pt"), weights_only=False)
+        if os.path.isdir(os.path.join(client_dir, "global")):  # fedsa: its own B
+            client.kept = split(lora.read_adapter(os.path.join(client_dir, "global"))[1], client.aggregation)[1]
     train.set_rng_state(state["rng"])
-    return state["round"], global_state, local_states, local_optimizers, state["server_optimizer"], state["history"]
+    return state["round"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -567,6 +669,7 @@ def check_sampling(cfg: C.Config, n_clients: int) -> None:
     federated.dp_delta is not well below 1 / n_clients. The simulation and the ServerApp both call it."""
     fc = cfg["federated"]
     dp, poisson = fc["dp_clip"] > 0, uses_poisson(fc)
+    check_aggregation(cfg)
     per_round = n_clients if poisson else max(1, round(fc["fraction"] * n_clients))
     if fc["min_clients"] > per_round:
         raise C.ConfigError(
@@ -593,6 +696,27 @@ def check_sampling(cfg: C.Config, n_clients: int) -> None:
     if dp and fc["dp_noise"] == 0:
         print("warning: federated.dp_clip without federated.dp_noise clips updates but gives no privacy guarantee",
               file=sys.stderr)  # fmt: skip
+
+
+def check_aggregation(cfg: C.Config) -> None:
+    """Refuse, naming federated.aggregation, the combinations stack cannot run (ConfigError)."""
+    fc = cfg["federated"]
+    if fc["aggregation"] != "stack":
+        return
+    if fc["server_optimizer"] != "fedavg" or fc["server_lr"] != 1:
+        raise C.ConfigError(
+            "federated.aggregation: stack adds the clients' products to the stack as they are; it takes no "
+            "server optimizer (use federated.server_optimizer=fedavg and federated.server_lr=1)"
+        )
+    if fc["dp_clip"] > 0:
+        raise C.ConfigError(
+            "federated.aggregation: stack publishes each client's factors side by side, where noise added to a "
+            "sum cannot hide one client; for DP use fedavg, ffa or fedsa"
+        )
+    if cfg["lora"]["use_dora"]:
+        raise C.ConfigError(
+            "federated.aggregation: stack needs LoRA (lora.use_dora=false): DoRA's row norm is no sum of products"
+        )
 
 
 def check(cfg: C.Config, clients: dict[str, tuple[list[D.Record], list[D.Record]]]) -> None:
@@ -661,19 +785,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = 1
     if args.resume:
         last = latest_round(out_dir)
-        start, server.global_state, saved_locals, local_optimizers, server_state, server.history = load_round(
-            last, clients
-        )
-        for c, state in saved_locals.items():
-            sites[c].local = state
-        for c, state in local_optimizers.items():
-            sites[c].local_optimizer = state
-        server.optimizer.load_state_dict(server_state)
-        start += 1
+        start = load_round(last, server, sites) + 1
         print(f"resumed after {os.path.basename(last)}")
     logger = C.Logger(out_dir)
     print(
-        f"{len(clients)} clients ({', '.join(clients)}), mode {mode}, {fc['rounds']} rounds; "
+        f"{len(clients)} clients ({', '.join(clients)}), mode {mode}, aggregation {fc['aggregation']}, "
+        f"{fc['rounds']} rounds; "
         f"{len(conflicts)} conflicting prompts; model {base_path} on {device} in {str(dtype).replace('torch.', '')}"
     )
 
@@ -702,13 +819,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         ok = server.aggregate(rnd, sampled, uploads, weights, failed)
         t_train = time.time() - t0
         rows = {c: site.evaluate(server.global_state, conflicts) for c, site in sites.items()}
-        summary = round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd))
+        summary = round_summary(
+            rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd), server.report
+        )
         report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         local_states = {c: site.local for c, site in sites.items() if site.local is not None}
         local_optimizers = {c: site.local_optimizer for c, site in sites.items() if site.local_optimizer is not None}
+        kept = {c: site.kept for c, site in sites.items()} if fc["aggregation"] == "fedsa" else {}
         save_round(
-            out_dir, rnd, model, server.global_state, local_states, local_optimizers, server.optimizer, server.history,
-            cfg, base_path, cfg["train"]["keep_checkpoints"],
+            out_dir, rnd, model, server, local_states, local_optimizers, kept, cfg, base_path,
+            cfg["train"]["keep_checkpoints"],
         )  # fmt: skip
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)

@@ -78,35 +78,52 @@ def site(context: Context) -> tuple[federated.Client, str]:
         train.add_adapters(model, cfg["lora"], ["global"] + ([] if mode == "global_only" else ["local"]))
         client = federated.Client(name, model, tok, cfg, records, examples, device, dtype)
         os.makedirs(state_dir, exist_ok=True)
-        _site.update(key=key, client=client, state_dir=state_dir, fresh=(client.local, client.local_optimizer))
+        fresh = (client.local, client.local_optimizer, client.kept)
+        _site.update(key=key, client=client, state_dir=state_dir, fresh=fresh)
     return _site["client"], _site["state_dir"]
 
 
 def load_local(client: federated.Client, state_dir: str, upto: int) -> None:
     """Give the client its local state as it was at the end of round `upto` (the newest saved round <= upto;
     the fresh adapter if none): a round the server redoes never starts from a state one step ahead."""
-    client.local, client.local_optimizer = _site["fresh"]
+    client.local, client.local_optimizer, client.kept = _site["fresh"]
     done = [d for d in train.completed(state_dir, "round_") if int(d[len("round_") :]) <= upto]
-    if done and client.has_local:
-        path = os.path.join(state_dir, done[-1])
+    if not done:
+        return
+    path = os.path.join(state_dir, done[-1])
+    if client.has_local:
         client.local = lora.read_adapter(os.path.join(path, "local"))[1]
         opt = os.path.join(path, "local_optimizer.pt")
         client.local_optimizer = torch.load(opt, weights_only=True) if os.path.isfile(opt) else None
+    if os.path.isdir(os.path.join(path, "global")):  # aggregation fedsa: its own B
+        client.kept = federated.split(lora.read_adapter(os.path.join(path, "global"))[1], client.aggregation)[1]
 
 
-def save_local(client: federated.Client, state_dir: str, rnd: int) -> None:
-    """state-dir/round_NNN/{local/, local_optimizer.pt}, written atomically; the two newest are kept."""
-    if not client.has_local:
+def save_local(client: federated.Client, state_dir: str, rnd: int, received: dict[str, torch.Tensor]) -> None:
+    """state-dir/round_NNN/{local/, local_optimizer.pt; with aggregation fedsa global/: its own B with the A
+    it `received` and trained from (the coordinator's new A comes with the next message)}, written
+    atomically; the two newest are kept."""
+    fedsa = client.aggregation == "fedsa"
+    if not (client.has_local or fedsa):
         return
-    config = lora.adapter_config(client.model, "local")
 
     def write(tmp: str) -> None:
-        lora.write_adapter(os.path.join(tmp, "local"), client.local, config)
+        if client.has_local:
+            lora.write_adapter(os.path.join(tmp, "local"), client.local, lora.adapter_config(client.model, "local"))
         if client.local_optimizer is not None:
             torch.save(client.local_optimizer, os.path.join(tmp, "local_optimizer.pt"))
+        if fedsa:
+            config = lora.adapter_config(client.model, "global")
+            lora.write_adapter(os.path.join(tmp, "global"), {**received, **client.kept}, config)
 
     train.write_atomically(os.path.join(state_dir, f"round_{rnd:03d}"), write)
     train.keep_latest(state_dir, "round_", 2)
+
+
+def received(msg: Message) -> dict[str, torch.Tensor]:
+    """The message's global state (an empty record, stack's first round, is an empty dict)."""
+    record = msg.content["global"]
+    return record.to_torch_state_dict() if len(record) else {}
 
 
 @client_app.query()
@@ -126,8 +143,9 @@ def fit(msg: Message, context: Context) -> Message:
     client, state_dir = site(context)
     task = dict(msg.content["task"])
     load_local(client, state_dir, task["round"] - 1)
-    upload, n, loss = client.fit(msg.content["global"].to_torch_state_dict(), task)
-    save_local(client, state_dir, task["round"])
+    global_state = received(msg)
+    upload, n, loss = client.fit(global_state, task)
+    save_local(client, state_dir, task["round"], global_state)
     metrics = MetricRecord({"num-examples": n, "train-loss": loss})
     return Message(content=RecordDict({"global": ArrayRecord(upload), "metrics": metrics}), reply_to=msg)
 
@@ -137,7 +155,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The views' metrics on this site's eval split, with its local state as of the message's round."""
     client, state_dir = site(context)
     load_local(client, state_dir, int(msg.content["task"]["round"]))
-    rows = client.evaluate(msg.content["global"].to_torch_state_dict())
+    rows = client.evaluate(received(msg))
     content = RecordDict(
         {view: MetricRecord({k: v for k, v in m.items() if v is not None}) for view, m in rows.items()}
     )
@@ -213,12 +231,13 @@ def run(grid: Grid, context: Context) -> None:
     if resume:
         last = federated.latest_round(out_dir)
         state = torch.load(os.path.join(last, "server.pt"), weights_only=True)  # tensors, numbers, names only
-        server.global_state = lora.read_adapter(os.path.join(last, "global"))[1]
+        server.restore(lora.read_adapter(os.path.join(last, "global"))[1])
         server.optimizer.load_state_dict(state["server_optimizer"])
         server.history, start = state["history"], state["round"] + 1
         print(f"resumed after {os.path.basename(last)}")
     logger = C.Logger(out_dir)
-    print(f"{len(nodes)} sites ({', '.join(nodes)}), mode {fc['mode']}, {fc['rounds']} rounds")
+    print(f"{len(nodes)} sites ({', '.join(nodes)}), mode {fc['mode']}, aggregation {fc['aggregation']}, "
+          f"{fc['rounds']} rounds")  # fmt: skip
     for rnd in range(start, fc["rounds"] + 1):
         if stop := server.over_budget(rnd):
             print(stop)
@@ -246,7 +265,7 @@ def run(grid: Grid, context: Context) -> None:
                 print(f"  client {client} failed in round {rnd}: {why}; left out of the average")
                 failed.append(client)
                 continue
-            uploads.append(reply.content["global"].to_torch_state_dict())
+            uploads.append(received(reply))
             weights.append(int(reply.content["metrics"]["num-examples"]))
             losses.append(float(reply.content["metrics"]["train-loss"]))
         sampled = [c for c, _ in tasks]
@@ -256,7 +275,9 @@ def run(grid: Grid, context: Context) -> None:
         rows = evaluate_sites(
             grid, {c: n for c, n in nodes.items() if c not in silent}, server.global_state, rnd, timeout
         )
-        summary = federated.round_summary(rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd))
+        summary = federated.round_summary(
+            rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd), server.report
+        )
         views = ["global"] if fc["mode"] == "global_only" else list(federated.VIEWS)
         federated.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         save_round(out_dir, rnd, server, adapter_cfg, cfg)
@@ -295,7 +316,7 @@ def save_round(out_dir: str, rnd: int, server: federated.Server, adapter_cfg: di
     """round_NNN/{global/, server.pt, config.yaml}, written atomically; keep train.keep_checkpoints."""
 
     def write(tmp: str) -> None:
-        lora.write_adapter(os.path.join(tmp, "global"), server.global_state, adapter_cfg)
+        lora.write_adapter(os.path.join(tmp, "global"), *server.adapter(adapter_cfg))
         state = {"round": rnd, "server_optimizer": server.optimizer.state_dict(), "history": server.history}
         torch.save(state, os.path.join(tmp, "server.pt"))
         C.save_yaml(cfg, os.path.join(tmp, "config.yaml"))

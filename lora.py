@@ -307,6 +307,19 @@ def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
         m.active = [n for n in names if n in m.config]
 
 
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter `name` from every layer that has it (its parameters, config and norm cache); the
+    layers stay wrapped. A no-op where no layer has it."""
+    for _, m in _wrapped_layers(model):
+        if name in m.config:
+            for d in (m.lora_A, m.lora_B, m.lora_magnitude):
+                if name in d:
+                    del d[name]
+            del m.config[name]
+            m.active = [n for n in m.active if n != name]
+            m._norm_cache.pop(name, None)
+
+
 def scale_adapter(model: nn.Module, name: str, weight: float) -> None:
     """Scale LoRA adapter `name`'s update by `weight` (s -> weight * s), e.g. to mix several adapters.
 

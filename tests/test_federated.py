@@ -160,16 +160,28 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
         assert all(torch.equal(a[i][m], b[i][m]) for i in a for m in ("exp_avg", "exp_avg_sq")), left_out
 
 
-@pytest.mark.parametrize("server", ["fedavgm", "fedadam", "dp"])
+DP = ("federated.dp_clip=0.05", "federated.dp_noise=0.8", "federated.fraction=0.67")  # poisson (auto)
+
+
+RESUMED = {
+    "fedavgm": ("federated.server_optimizer=fedavgm", "federated.server_lr=0.5"),
+    "fedadam": ("federated.server_optimizer=fedadam", "federated.server_lr=0.5"),
+    "dp": DP,
+    "ffa+dp": ("federated.aggregation=ffa", *DP),
+    "fedsa+fedadam": ("federated.aggregation=fedsa", "federated.server_optimizer=fedadam", "federated.server_lr=0.5"),
+    "stack": ("federated.aggregation=stack",),
+}
+
+
+@pytest.mark.parametrize("server", list(RESUMED))
 def test_resume_equals_an_uninterrupted_run(server, cache_dir, tmp_path, capsys, monkeypatch):
     """Killed in round 2 and resumed: the same adapters and metrics as without the cut. The server
     optimizer's buffers (momentum, Adam's moments) come back from round_001 too; with DP, the same clients
-    (Poisson-sampled) and the same noise."""
+    (Poisson-sampled) and the same noise; each federated.aggregation too (fedsa: each client's own B)."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    extra = DP if server == "dp" else (f"federated.server_optimizer={server}", "federated.server_lr=0.5")
-    run = lambda out: small_run(cache_dir, out, *extra)  # noqa: E731
+    run = lambda out: small_run(cache_dir, out, *RESUMED[server])  # noqa: E731
     assert run_main(federated.main, run(full), capsys)[0] == 0
-    if server != "dp":
+    if "fedad" in server or "fedavgm" in server:
         buffers = torch.load(full / "round_001/server.pt", weights_only=False)["server_optimizer"]["m"]
         assert buffers and all(v.any() for v in buffers.values())  # round 2 depends on them
     real = federated.client_update
@@ -192,6 +204,8 @@ def test_resume_equals_an_uninterrupted_run(server, cache_dir, tmp_path, capsys,
     assert_same_adapter(full / "round_002/global", cut / "round_002/global")
     for c in ("fr", "de", "es"):
         assert_same_adapter(full / f"round_002/clients/{c}/local", cut / f"round_002/clients/{c}/local")
+        if server.startswith("fedsa"):
+            assert_same_adapter(full / f"round_002/clients/{c}/global", cut / f"round_002/clients/{c}/global")
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rs]  # noqa: E731
     assert strip(events(full)) == strip(events(cut))
 
@@ -288,9 +302,6 @@ def test_dirichlet_clients_from_one_file(cache_dir, tmp_path, capsys):
     )
     assert code == 0, err
     assert "3 clients (client_0, client_1, client_2)" in stdout
-
-
-DP = ("federated.dp_clip=0.05", "federated.dp_noise=0.8", "federated.fraction=0.67")  # poisson (auto)
 
 
 def test_dp_clips_at_the_client_and_adds_seeded_noise_at_the_server(cache_dir, tmp_path, capsys, monkeypatch):

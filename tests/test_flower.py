@@ -260,7 +260,8 @@ def per_client(out_dir):
 
 def round_records(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in r.items() if k in ("round", "clients", "status", "epsilon")}
+        keys = ("round", "clients", "status", "epsilon", "bytes_per_upload", "bytes_per_download", "fedavg_error_mean")
+        return [{k: v for k, v in r.items() if k in keys}
                 for r in map(json.loads, f) if "status" in r]  # fmt: skip
 
 
@@ -293,15 +294,23 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     assert "site es reconnected" in output
 
 
-@pytest.mark.parametrize("dp", [False, True])
-def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(dp, deployment, cache_dir, tmp_path, capsys):
+EXTRA = {
+    "fedavg": [],
+    "dp": ["federated.dp_clip=0.05", "federated.dp_noise=0.8"],
+    "fedsa": ["federated.aggregation=fedsa"],
+}
+
+
+@pytest.mark.parametrize("kind", list(EXTRA))
+def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(kind, deployment, cache_dir, tmp_path, capsys):
     """Two sites over TLS. Round 1 runs as deployed; then the whole federation dies (SuperLink, ServerApp,
     SuperNodes: SIGKILL) during round 2. Restarted, with `resume=true` it continues after round 1. Every
     round's global adapter, the sites' local adapters and every evaluation equal the serial simulation's
     (bit for bit), and the coordinator never holds a local adapter. With client-level DP too: the sites
-    clip, the ServerApp adds the round's noise and reports the same epsilon."""
+    clip, the ServerApp adds the round's noise and reports the same epsilon. With aggregation fedsa: the
+    sites keep their own B in their state-dir, the coordinator only ever sees A."""
     sim, dep, state = tmp_path / "sim", tmp_path / "dep", tmp_path / "state"
-    extra = ["federated.dp_clip=0.05", "federated.dp_noise=0.8"] if dp else []
+    extra, dp = EXTRA[kind], kind == "dp"
     job_ = lambda out, sites: [*job(cache_dir, out, sites), *extra]  # noqa: E731
     assert run_main(federated.main, [CONFIG, *job_(sim, ["fr", "de"])], capsys)[0] == 0
 
@@ -329,10 +338,16 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(dp, deplo
         for site in ("fr", "de"):  # the local adapters, kept at the sites, equal the simulation's
             a, b = tensors(sim / rnd / "clients" / site / "local"), tensors(state / site / rnd / "local")
             assert all(torch.equal(a[k], b[k]) for k in a), (rnd, site)
+            if kind == "fedsa":  # the site's own B (beside the A it trained from; the simulation's: the new A)
+                a = federated.split(tensors(sim / rnd / "clients" / site / "global"), "fedsa")[1]
+                b = federated.split(tensors(state / site / rnd / "global"), "fedsa")[1]
+                assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (rnd, site)
     assert per_client(sim) == per_client(dep)  # eval loss and exact match, every round, site and view
     assert not (dep / "round_002/clients").exists()  # the coordinator never holds a local adapter
     assert round_records(sim) == round_records(dep)  # the same clients, statuses and epsilon
     assert all(("epsilon" in r) == dp for r in round_records(dep))
+    if kind == "fedsa":
+        assert all(k.endswith("lora_A.weight") for k in tensors(dep / "round_002/global"))
 
 
 @pytest.mark.parametrize("run_config, message", [
