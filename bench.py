@@ -6,6 +6,7 @@ machine noise hits them alike.
     python bench.py --layer --compare-peft                             # one NF4 linear layer
     python bench.py --packing --seq 1024 --batch 8                     # padded vs grouped vs packed
     python bench.py --loss                                             # loss.py's chunks vs full logits
+    python bench.py --stack-merge runs/federated/round_012             # stack merged into NF4: its error
 
 The model benchmark trains a random-init Qwen2-architecture model (built once, cached on disk) with
 this project's code path: model.load_model (NF4, gradient checkpointing), lora.inject (r=16, alpha=32
@@ -475,6 +476,54 @@ def loss_worker(impl: str, dtype_name: str, args: argparse.Namespace, conn: Conn
     conn.send((time.perf_counter() - t, peak_mib(device) - base))
 
 
+@torch.no_grad()
+def stack_merge(round_dir: str) -> None:
+    """What FLoRA's merge would cost on a 4-bit base, for a federated run with aggregation stack: the run's
+    base (round_dir/config.yaml) loaded in fp32 and quantized as model.py does; each round's block of the
+    stack (round_dir/global; the rounds' sizes from server.pt's history) added and the sum quantized again,
+    W_t = Q(W_{t-1} + D_t), against the stack kept as an adapter, W_0 + sum_t D_t (exact). Prints, over the
+    adapted layers, ||sum D|| / ||W_0|| and the error of merging per round and once, relative to ||sum D||."""
+    import bitsandbytes.functional as bnbF
+
+    import config as C
+
+    cfg = C.load_config(os.path.join(round_dir, "config.yaml"), [])
+    quant = cfg["model"]["quantization"]
+    if quant == "none":
+        raise SystemExit("error: this run's base is not quantized (model.quantization=none): nothing to requantize")
+    cfg["model"].update(quantization="none", compute_dtype="float32", device="cpu")
+    model = C.load_base(cfg, gradient_checkpointing=False)[0]
+    _, state = lora.read_adapter(os.path.join(round_dir, "global"))
+    history = torch.load(os.path.join(round_dir, "server.pt"), weights_only=False)["history"]
+    sizes = [cfg["lora"]["r"] * (len(h["sampled"]) - len(h["failed"])) for h in history]  # ranks added per round
+    modules = dict(model.named_modules())
+
+    def q(w: torch.Tensor) -> torch.Tensor:
+        packed, qs = bnbF.quantize_4bit(w.contiguous(), quant_type=quant, compress_statistics=True)
+        return bnbF.dequantize_4bit(packed, qs).float()
+
+    rel, each, once = [], [], []
+    for key in sorted(k for k in state if k.endswith("lora_A.weight")):
+        A, B = state[key].float(), state[key.replace("lora_A", "lora_B")].float()
+        if A.shape[0] != sum(sizes):
+            raise SystemExit(f"error: the stack has rank {A.shape[0]}, the history says {sum(sizes)}")
+        w0 = q(modules[key[len(lora.PREFIX) : -len(".lora_A.weight")]].weight.float())
+        total, w, start = B @ A, w0, 0
+        for n in sizes:
+            w, start = q(w + B[:, start : start + n] @ A[start : start + n]), start + n  # merge, requantize
+        rel.append((total.norm() / w0.norm()).item())
+        each.append(((w - w0 - total).norm() / total.norm()).item())
+        once.append(((q(w0 + total) - w0 - total).norm() / total.norm()).item())
+
+    def stat(xs: list[float]) -> str:
+        return f"mean {statistics.mean(xs):.3f}, min {min(xs):.3f}, max {max(xs):.3f}"
+
+    print(f"{len(rel)} layers, {quant}, stack rank {sum(sizes)} from {len(sizes)} rounds")
+    print(f"||sum D|| / ||W||                                   {stat(rel)}")
+    print(f"merged and requantized every round, error / ||sum D||   {stat(each)}")
+    print(f"merged once at the end, error / ||sum D||               {stat(once)}")
+
+
 def bench_loss(args: argparse.Namespace) -> None:
     """The loss alone, plain against chunked (at CPU's and GPU's default chunk), fp32 and bf16; one process
     each, one after the other."""
@@ -640,7 +689,10 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=128, help="--packing: examples in the epoch")
     ap.add_argument("--lengths", default=LENGTHS, help="--packing: a JSON file with a list of token counts")
     ap.add_argument("--write-lengths", metavar="SHAREGPT_JSON", help="make data/sharegpt_lengths.json, then stop")
+    ap.add_argument("--stack-merge", metavar="ROUND_DIR", help="what merging a stack into the 4-bit base costs")
     args = ap.parse_args()
+    if args.stack_merge:
+        return stack_merge(args.stack_merge)
     if args.loss:
         args.hidden, args.vocab = args.hidden or 3584, 152064 if args.vocab == 32000 else args.vocab
         return bench_loss(args)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import bench
 import config as C
 import fedavg
 import federated
@@ -210,6 +211,11 @@ def test_stack_round_adapter_is_a_plain_lora_of_the_stacked_rank(cache_dir, tmp_
     records = [r for r in events(out) if "uploaded_bytes" in r]
     assert records[0]["bytes_per_download"] == 0  # nothing stacked yet
     assert records[1]["bytes_per_download"] == 3 * records[1]["bytes_per_upload"]  # 3 clients' factors
+    capsys.readouterr()
+    bench.stack_merge(str(out / "round_002"))  # what merging it into the NF4 base would cost
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(f"nf4, stack rank {6 * r} from 2 rounds")
+    assert all(float(line.split("mean ")[1].split(",")[0]) > 0 for line in lines[1:])
 
 
 @pytest.mark.parametrize(
