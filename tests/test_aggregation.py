@@ -234,3 +234,17 @@ def test_combinations_that_cannot_run_give_one_clear_line(overrides, message, ca
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not os.path.exists(tmp_path / "fed")
+
+
+@pytest.mark.parametrize("mode, aggregation", [("joint", "ffa"), ("joint", "fedsa"), ("global_only", "stack")])
+def test_each_choice_runs_with_the_other_modes(mode, aggregation, cache_dir, tmp_path, capsys):
+    """One round in joint and global_only modes: it runs, and evaluates global (and global+local) views."""
+    out = tmp_path / "fed"
+    args = small_run(cache_dir, out, f"federated.mode={mode}", f"federated.aggregation={aggregation}",
+                     "federated.rounds=1")  # fmt: skip
+    code, _, err = run_main(federated.main, args, capsys)
+    assert code == 0, err
+    views = {r["adapters"] for r in events(out) if "client" in r}
+    assert views == ({"global"} if mode == "global_only" else {"global", "local", "global+local"})
+    (record,) = [r for r in events(out) if "uploaded_bytes" in r]
+    assert record["status"] == "ok" and record["succeeded"] == 3
