@@ -179,8 +179,11 @@ def fedavg_error(states: list[dict[str, torch.Tensor]], weights: list[float]) ->
     layer whose A and B the states hold; p_k = w_k / sum w, as in weighted_average. 0 where the exact
     mean is zero (e.g. every B still zero).
 
-    No (out, in) matrix is formed: with U = [p_1 B_1 ... p_K B_K, -B_avg] and V = [A_1; ...; A_K; A_avg],
-    the difference is U V and ||U V||_F^2 = sum((U^T U) * (V V^T)), matrices of size (K+1) r. In float64.
+    No (out, in) matrix is formed. The difference is the covariance term of the module doc, U V with
+    U = [p_1 (B_1 - B_avg) ... p_K (B_K - B_avg)] and V = [A_1 - A_avg; ...; A_K - A_avg], and
+    ||U V||_F^2 = sum((U^T U) * (V V^T)), matrices of size K r; so is the exact mean's norm. Centring first
+    matters: the difference of the two products is small against each, and its square, taken as a
+    difference of squares, would lose most of float64's digits to cancellation.
     """
     if len(states) != len(weights) or not states:
         raise ValueError(f"got {len(states)} states and {len(weights)} weights; need as many, at least one")
@@ -194,9 +197,10 @@ def fedavg_error(states: list[dict[str, torch.Tensor]], weights: list[float]) ->
         B_avg = sum(pk * b for pk, b in zip(p, B, strict=True))
         U = torch.cat([pk * b for pk, b in zip(p, B, strict=True)], 1)  # (out, K r)
         V = torch.cat(A, 0)  # (K r, in)
-        exact = ((U.t() @ U) * (V @ V.t())).sum()  # ||sum_k p_k B_k A_k||_F^2
-        U2, V2 = torch.cat([U, -B_avg], 1), torch.cat([V, A_avg], 0)
-        diff = ((U2.t() @ U2) * (V2 @ V2.t())).sum().clamp_min(0)  # rounding can make it a hair below 0
+        exact = ((U.t() @ U) * (V @ V.t())).sum().clamp_min(0)  # ||sum_k p_k B_k A_k||_F^2
+        Uc = torch.cat([pk * (b - B_avg) for pk, b in zip(p, B, strict=True)], 1)
+        Vc = torch.cat([a - A_avg for a in A], 0)
+        diff = ((Uc.t() @ Uc) * (Vc @ Vc.t())).sum().clamp_min(0)  # rounding can make it a hair below 0
         out[layer] = 0.0 if exact <= 0 else math.sqrt(diff.item() / exact.item())
     return out
 

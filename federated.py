@@ -487,9 +487,9 @@ class Server:
             "bytes_per_download": fedavg.state_bytes(self.global_state),
         }
         errors = fedavg.fedavg_error(uploads, [1] * len(uploads) if self.dp else weights) if uploads else {}
-        if errors:
-            self.report["fedavg_error_mean"] = sum(errors.values()) / len(errors)
-            self.report["fedavg_error_max"] = max(errors.values())
+        if errors:  # 6 digits: the last bits of float64 BLAS sums may differ run to run, a resumed run's too
+            self.report["fedavg_error_mean"] = float(f"{sum(errors.values()) / len(errors):.6g}")
+            self.report["fedavg_error_max"] = float(f"{max(errors.values()):.6g}")
         if ok and self.aggregation == "stack":
             self.global_state = fedavg.stack_lora(self.global_state, uploads, weights, lora_scale(self.cfg["lora"]))
         elif ok and self.dp:  # equal weights over the expected count: see fedavg.dp_mean (sample counts unused)

@@ -63,7 +63,13 @@ def test_fedavg_error_equals_a_dense_float64_recomputation():
         assert dense > 0.1  # far from exact on independent random factors
         assert errors[f"{P}{layer}"] == pytest.approx(dense, rel=1e-9)
     same = client_states(1, seed=2) * 3  # one state three times: FedAvg is exact
-    assert max(fedavg.fedavg_error(same, weights).values()) < 1e-6
+    assert max(fedavg.fedavg_error(same, weights).values()) == 0
+    near = [{k: v + 1e-7 * i for k, v in s.items()} for i, s in enumerate(same)]  # tiny spread: no cancellation
+    for layer in LAYERS:
+        exact = exact_mean(near, weights, layer)
+        avg = fedavg.weighted_average([{k: v.double() for k, v in s.items()} for s in near], weights)
+        dense = ((exact - product(avg, layer)).norm() / exact.norm()).item()
+        assert fedavg.fedavg_error(near, weights)[f"{P}{layer}"] == pytest.approx(dense, rel=1e-6)
     zero_b = [{k: v * 0 if "lora_B" in k else v for k, v in s.items()} for s in states]
     assert set(fedavg.fedavg_error(zero_b, weights).values()) == {0.0}  # the exact mean is zero
     assert fedavg.fedavg_error([{k: v for k, v in s.items() if "lora_B" in k} for s in states], weights) == {}
@@ -169,8 +175,8 @@ def test_fedsa_never_uploads_b_and_reports_fedavg_error_where_it_can(cache_dir, 
                 a_avg = sum(pk * u[ka].double() for pk, u in zip(p, uploads, strict=True))
                 b_avg = sum(pk * u[kb].double() for pk, u in zip(p, uploads, strict=True))
                 recomputed.append(((exact - b_avg @ a_avg).norm() / exact.norm()).item())
-            assert record["fedavg_error_mean"] == pytest.approx(sum(recomputed) / len(recomputed), rel=1e-9)
-            assert record["fedavg_error_max"] == pytest.approx(max(recomputed), rel=1e-9)
+            assert record["fedavg_error_mean"] == pytest.approx(sum(recomputed) / len(recomputed), rel=1e-5)
+            assert record["fedavg_error_max"] == pytest.approx(max(recomputed), rel=1e-5)  # reported to 6 digits
             assert 0 < record["fedavg_error_max"] < 1
             assert f"FedAvg error {record['fedavg_error_mean']:.3g}" in stdout
 
