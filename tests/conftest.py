@@ -21,6 +21,11 @@ def pytest_addoption(parser):
         "--superlink-delay", type=float, default=0.0, metavar="SECONDS",
         help="tests/test_flower.py: start each SuperLink this much later, as a slow machine would",
     )  # fmt: skip
+    parser.addoption(
+        "--time-scale", type=float, default=1.0, metavar="FACTOR",
+        help="tests/test_flower.py: multiply every deadline and round timeout by this, on a machine (or an "
+        "emulator) that many times slower",
+    )  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
