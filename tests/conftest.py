@@ -23,9 +23,22 @@ def pytest_addoption(parser):
     )  # fmt: skip
     parser.addoption(
         "--time-scale", type=float, default=1.0, metavar="FACTOR",
-        help="tests/test_flower.py: multiply every deadline and round timeout by this, on a machine (or an "
-        "emulator) that many times slower",
+        help="multiply the deadline of every process a test starts (and Flower's round timeouts) by this, on "
+        "a machine (or an emulator) that many times slower",
     )  # fmt: skip
+
+
+TIME_SCALE = 1.0  # pytest --time-scale
+
+
+def pytest_configure(config):
+    global TIME_SCALE
+    TIME_SCALE = config.getoption("time_scale")
+
+
+def seconds(s):
+    """A deadline of s seconds on the machines the suite was written on, on this one (pytest --time-scale)."""
+    return round(s * TIME_SCALE)
 
 
 def pytest_collection_modifyitems(items):

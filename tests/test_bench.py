@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import seconds
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"impl", "variant", "dtype", "device", "tokens_per_s", "step_s", "peak_mib"}
 
@@ -36,7 +38,7 @@ def bench(tmp_path, *args):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=seconds(300),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -18,7 +18,7 @@ import torch
 
 import federated
 import lora
-from conftest import run_main
+from conftest import run_main, seconds
 
 flwr = pytest.importorskip("flwr")
 
@@ -115,16 +115,11 @@ class Deployment:
     Nothing waits a fixed time: superlink() returns once the SuperLink completes a TLS handshake,
     supernodes() once the SuperLink lists each of them online; `flwr run` retries neither."""
 
-    def __init__(self, tmp, certs, superlink_delay=0.0, time_scale=1.0):
+    def __init__(self, tmp, certs, superlink_delay=0.0):
         self.tmp, self.certs, self.procs = tmp, certs, {}
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0"}
         self.port = free_port()
         self.superlink_delay = superlink_delay  # pytest --superlink-delay: a slow machine's start, simulated
-        self.time_scale = time_scale  # pytest --time-scale: every deadline and round timeout times this
-
-    def seconds(self, s):
-        """A deadline or timeout of s seconds on the reference machine, on this one (pytest --time-scale)."""
-        return round(s * self.time_scale)
 
     def start(self, name, argv):
         home = self.tmp / f"home_{name}"
@@ -141,7 +136,7 @@ class Deployment:
 
     def wait_for(self, what, ready, timeout=180):
         """Poll ready() until it is true; fail with every log if a process exits or the deadline passes."""
-        timeout = self.seconds(timeout)
+        timeout = seconds(timeout)
         deadline = time.time() + timeout
         while not ready():
             dead = [f"{n} (exit {p.returncode})" for n, p in self.procs.items() if p.poll() is not None]
@@ -232,7 +227,7 @@ class Deployment:
 
     def wait_run(self, timeout=600):
         """(exit code, output) of the run started by start_run."""
-        code = self.procs.pop("run").wait(timeout=self.seconds(timeout))
+        code = self.procs.pop("run").wait(timeout=seconds(timeout))
         return code, (self.tmp / "run.log").read_text()
 
     def stop(self):
@@ -242,8 +237,7 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path, request):
-    opt = request.config.getoption
-    d = Deployment(tmp_path, make_certificates(tmp_path), opt("superlink_delay"), opt("time_scale"))
+    d = Deployment(tmp_path, make_certificates(tmp_path), request.config.getoption("superlink_delay"))
     try:
         yield d
     finally:
@@ -274,9 +268,9 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     out, state = tmp_path / "dep", tmp_path / "state"
     deployment.superlink()
     deployment.supernodes(["fr", "es"], state)
-    timeout = deployment.seconds(60)
+    timeout = seconds(60)
     deployment.start_run(job(cache_dir, out, ["fr", "es"], round_timeout=timeout))
-    deadline = time.time() + deployment.seconds(300)
+    deadline = time.time() + seconds(300)
     while not (out / "config.yaml").exists():  # written once every site answered: round 1 starts now
         assert time.time() < deadline and "run" in deployment.procs, (tmp_path / "run.log").read_text()
         time.sleep(0.5)
@@ -288,7 +282,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     rounds = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "status" in r}
     assert rounds[1]["failed"] == ["es"] and rounds[1]["succeeded"] == 1 and rounds[1]["status"] == "ok"
     # within the timeout (plus polling): sooner when the SuperLink already reports es's node unavailable
-    assert rounds[1]["seconds_train"] < timeout + deployment.seconds(40)
+    assert rounds[1]["seconds_train"] < timeout + seconds(40)
     assert {r["client"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if r.get("round") == 2 and "client" in r} == {"fr", "es"}  # fmt: skip
     assert rounds[2]["failed"] == [] and rounds[2]["succeeded"] == 2
@@ -313,7 +307,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(kind, dep
     sites keep their own B in their state-dir, the coordinator only ever sees A."""
     sim, dep, state = tmp_path / "sim", tmp_path / "dep", tmp_path / "state"
     extra, dp = EXTRA[kind], kind == "dp"
-    job_ = lambda out, sites: [*job(cache_dir, out, sites, deployment.seconds(120)), *extra]  # noqa: E731
+    job_ = lambda out, sites: [*job(cache_dir, out, sites, seconds(120)), *extra]  # noqa: E731
     assert run_main(federated.main, [CONFIG, *job_(sim, ["fr", "de"])], capsys)[0] == 0
 
     def start():
@@ -322,7 +316,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(kind, dep
 
     start()
     deployment.start_run(job_(dep, ["fr", "de"]))
-    deadline = time.time() + deployment.seconds(400)
+    deadline = time.time() + seconds(400)
     while not (dep / "round_001").exists():
         assert time.time() < deadline and deployment.procs["run"].poll() is None, (tmp_path / "run.log").read_text()
         time.sleep(0.5)

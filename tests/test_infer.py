@@ -14,7 +14,7 @@ import data as D
 import infer
 import lora
 import model as M
-from conftest import run_main, tiny_dir
+from conftest import run_main, seconds, tiny_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
@@ -358,7 +358,7 @@ def test_chat_from_a_pipe_exits_cleanly(stdin, cache_dir, tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=300,
+        timeout=seconds(300),
     )
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and p.stdout.startswith("> ")
@@ -423,7 +423,7 @@ def test_missing_adapter_from_the_command_line(cache_dir, tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=300,
+        timeout=seconds(300),
     )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip() == "error: adapter gone: no such directory"

@@ -13,7 +13,7 @@ import data as D
 import infer
 import merge
 import model as M
-from conftest import run_main, tiny_dir
+from conftest import run_main, seconds, tiny_dir
 from test_infer import ROOT, fp32
 
 QUESTIONS = ["Give the opposite of the word happy.", "Classify: lion", "Translate into our language: cat"]
@@ -134,7 +134,7 @@ def test_merged_directory_is_a_plain_transformers_model(cache_dir, adapters, tmp
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=300,
+        timeout=seconds(300),
     )
     assert p.returncode == 0, p.stderr
     assert "largest |logit difference|" in p.stdout
@@ -167,7 +167,7 @@ def test_merged_directory_is_a_plain_transformers_model(cache_dir, adapters, tmp
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=300,
+        timeout=seconds(300),
         env={**os.environ, "PYTHONPATH": ""},
     )
     assert p.returncode == 0 and "generated" in p.stdout, p.stderr
@@ -231,7 +231,7 @@ def test_out_holding_a_model_from_the_command_line(cache_dir, adapters, tmp_path
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=300,
+        timeout=seconds(300),
     )
     assert p.returncode == 2 and p.stdout == ""
     assert (

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import lora
 import model as M
 import train
-from conftest import run_main
+from conftest import run_main, seconds
 from test_train import small_run as train_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def torchrun(tmp_path, name, argv, crash_at_step=0, timeout=300):
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        _, err = proc.communicate(timeout=timeout)
+        _, err = proc.communicate(timeout=seconds(timeout))
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
