@@ -27,8 +27,10 @@ CONFIG = os.path.join(ROOT, "config.yaml")
 BIN = os.path.dirname(sys.executable)  # flower-superlink, flower-supernode, flwr live beside this python
 
 
-def job(cache_dir, out_dir, sites, round_timeout=120):
-    """The overrides of a small 2-round job, the same for the simulation and the deployment."""
+def job(cache_dir, out_dir, sites, round_timeout=None):
+    """The overrides of a small 2-round job, the same for the simulation and the deployment; each round
+    waits round_timeout seconds for the sites (default 120, times pytest --time-scale)."""
+    round_timeout = seconds(120) if round_timeout is None else round_timeout
     files = ",".join(os.path.join(ROOT, "data/clients", f"{s}.json") for s in sites)
     return [f"model.cache_dir={cache_dir}", f"federated.output_dir={out_dir}", "federated.rounds=2",
             "federated.local_steps=2", "federated.global_steps=2", "federated.max_new_tokens=4",
@@ -307,7 +309,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(kind, dep
     sites keep their own B in their state-dir, the coordinator only ever sees A."""
     sim, dep, state = tmp_path / "sim", tmp_path / "dep", tmp_path / "state"
     extra, dp = EXTRA[kind], kind == "dp"
-    job_ = lambda out, sites: [*job(cache_dir, out, sites, seconds(120)), *extra]  # noqa: E731
+    job_ = lambda out, sites: [*job(cache_dir, out, sites), *extra]  # noqa: E731
     assert run_main(federated.main, [CONFIG, *job_(sim, ["fr", "de"])], capsys)[0] == 0
 
     def start():
