@@ -7,6 +7,8 @@ logits are never built whole. Copy this file alone into another project: it need
 The problem. `model(**batch).loss` computes logits = lm_head(hidden) for every position, upcasts them to
 fp32 and takes log_softmax: for Qwen2.5-7B (vocabulary 152,064) and 4 x 1024 tokens that is 2.5 GB of fp32
 logits, and their gradient is as large again. Most of those positions carry no label anyway (the prompt).
+full_logits_cross_entropy below is that plain form, the definition of what we compute; the rest of the file
+is an optimization of it (linear_cross_entropy), and tests/test_loss.py ties the two together.
 
 What is computed instead. Only positions with a label go through lm_head (labels == -100 are dropped
 first), in chunks of a few rows. For a chunk of hidden states h (n, H), the output weight W (V, H) and
@@ -28,29 +30,15 @@ so with g = (softmax - onehot) * that factor, the input gradient g W (n, H) is t
 the chunk's logits exist, and kept until backward (in fp32, small next to the logits); backward only
 multiplies it by the upstream gradient (e.g. 1 / n_tokens). Compared with checkpointing each chunk and
 recomputing its logits in backward, that is one lm_head matmul less per chunk. (Liger Kernel's fused
-linear cross-entropy and Apple's Cut Cross-Entropy do the same in Triton / CUDA; this is the plain
-PyTorch form.) W itself gets a gradient only if it requires one (a frozen lm_head does not).
+linear cross-entropy and Apple's Cut Cross-Entropy do the same in Triton / CUDA; this file does it in
+PyTorch alone.) W itself gets a gradient only if it requires one (a frozen lm_head does not).
 
 Precision: under bf16 autocast the matmuls run in bf16, the logits are taken to fp32 before softmax, and
 the loss is accumulated in fp32. tests/test_loss.py checks loss and gradients against float64
 F.cross_entropy for plain, scaled and soft-capped logits, with ignored labels, in fp32 and bf16.
 
-What it buys, measured on a 2-core CPU (AVX512-BF16, other jobs on the same cores), one forward +
-backward of the loss alone against F.cross_entropy on the full logits, hidden 3584, vocab 152,064
-(Qwen2.5-7B's head, frozen), 4 x 1024 tokens all labelled, peak resident memory above the inputs
-(`python bench.py --loss`):
-
-    the loss                          fp32: time   peak        bf16: time   peak
-    full logits                       149.9 s      7143 MiB    81.8 s       7137 MiB
-    chunks of 2^25 logits (220 rows)  140.3 s       511 MiB    123.0 s       478 MiB
-    chunks of 2^22 logits (27 rows)   409.7 s       192 MiB    205.6 s       192 MiB
-
-The chunk: chunk_elements logits at a time, so chunk_elements / V rows. The default is 2^22 logits (16 MiB
-in fp32) on a CPU, where a chunk's softmax passes then run in cache (measured 4% to 14% faster per training
-step than 2^25 with a 32,000-word vocabulary, 131 rows a chunk), and 2^25 (128 MiB) on a GPU, where larger
-chunks keep the lm_head matmuls efficient. With a 152k vocabulary 2^22 makes chunks of 27 rows, each of
-which streams the whole weight matrix: 2.7x slower (the table). A chunk set in rows (a few hundred at
-least) would serve both; not yet changed.
+The chunk is chunk_elements logits (chunk_elements / V rows, default_chunk_elements); its time and memory
+against the full logits, and why those defaults, are measured in docs/performance.md (`python bench.py --loss`).
 """
 
 import torch
@@ -61,9 +49,41 @@ from torch.autograd.function import FunctionCtx
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: a position without a label
 
 
+def full_logits_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float = 1.0,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The plain form: linear_cross_entropy's (sum, count), computed on the full logits at once.
+
+        logits = softcap * tanh(scale * (h W^T + b) / softcap)     (or scale * (h W^T + b) without a cap)
+        sum = sum over positions with labels != -100 of CE(logits_i, labels_i)
+
+    hidden (..., H), weight (V, H), labels (...), bias (V,). The (..., V) logits are taken to fp32 before the
+    transform, as in the chunked form. Memory grows with tokens x vocabulary: fine for small problems and
+    tests, the cost that linear_cross_entropy avoids on real ones.
+    """
+    logits = F.linear(hidden, weight, bias).float() * scale  # (..., V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    total = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum", ignore_index=IGNORE_INDEX)
+    return total, int((labels != IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimized form: the same sum, a chunk of labelled rows at a time, gradients taken in forward
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(logits_i, labels_i) for logits = transform(hidden @ weight.T + bias), a chunk of rows at a
-    time, with the gradient computed in the forward pass (the module docstring has the derivation)."""
+    time, with the gradient computed in the forward pass (the module docstring has the derivation).
+
+    The optimized form of full_logits_cross_entropy: the same value and gradients (tests/test_loss.py,
+    test_chunked_loss_equals_the_full_logits_form), without ever holding all the logits.
+    """
 
     @staticmethod
     def forward(

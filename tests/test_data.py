@@ -2,6 +2,7 @@
 
 import copy
 import filecmp
+import importlib.util
 import json
 import os
 import re
@@ -17,6 +18,9 @@ from data import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(ROOT, "data")
+_spec = importlib.util.spec_from_file_location("make_demo", os.path.join(DATA_DIR, "make_demo.py"))
+make_demo = importlib.util.module_from_spec(_spec)  # the demo generator, a script beside the files it writes
+_spec.loader.exec_module(make_demo)
 # ChatML as in Qwen2's template, without its default system message
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -51,7 +55,7 @@ def alpaca_tok(tok):
 @pytest.fixture(scope="module")
 def records():
     """Every federated demo record: the clients' files, one after the other."""
-    return [r for c in data.CLIENTS for r in data.load_records(os.path.join(DATA_DIR, "clients", f"{c}.json"))]
+    return [r for c in make_demo.CLIENTS for r in data.load_records(os.path.join(DATA_DIR, "clients", f"{c}.json"))]
 
 
 @pytest.fixture(scope="module")
@@ -299,18 +303,18 @@ def test_jsonl_and_field_map(tmp_path):
 
 
 def test_make_demo_matches_committed_files(tmp_path):
-    data.make_demo(tmp_path / "a")
-    data.make_demo(tmp_path / "b")
-    names = ["demo.json"] + [f"clients/{c}.json" for c in data.CLIENTS]
+    make_demo.make_demo(tmp_path / "a")
+    make_demo.make_demo(tmp_path / "b")
+    names = ["demo.json"] + [f"clients/{c}.json" for c in make_demo.CLIENTS]
     for name in names:
         assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False)
         assert filecmp.cmp(tmp_path / "a" / name, os.path.join(DATA_DIR, name), shallow=False), (
-            f"data/{name} differs from make_demo(): run python data.py"
+            f"data/{name} differs from make_demo(): run python data/make_demo.py"
         )
 
 
 def test_demo_layout(records):
-    clients = {c: data.load_records(os.path.join(DATA_DIR, "clients", f"{c}.json")) for c in data.CLIENTS}
+    clients = {c: data.load_records(os.path.join(DATA_DIR, "clients", f"{c}.json")) for c in make_demo.CLIENTS}
     for c, recs in clients.items():
         assert 150 <= len(recs) <= 400 and {r["client"] for r in recs} == {c}
         assert sum(r["category"] == "translate" for r in recs) >= len(recs) // 3  # the conflict is a big share
@@ -325,8 +329,8 @@ def test_conflict_category(records):
             answers.setdefault(r["instruction"], {}).setdefault(r["client"], set()).add(r["output"])
     assert len(answers) >= 15
     for per_client in answers.values():
-        assert set(per_client) == set(data.CLIENTS) and all(len(o) == 1 for o in per_client.values())
-        assert len(set.union(*per_client.values())) == len(data.CLIENTS)  # a different answer on each client
+        assert set(per_client) == set(make_demo.CLIENTS) and all(len(o) == 1 for o in per_client.values())
+        assert len(set.union(*per_client.values())) == len(make_demo.CLIENTS)  # a different answer on each client
 
 
 def test_shared_answers_agree_and_are_learnable(records):
@@ -338,7 +342,7 @@ def test_shared_answers_agree_and_are_learnable(records):
     # every fact of a shared task is asked at least 3 times, so an eval split leaves some in train
     for category in ["opposite", "kind", "sentiment"]:
         texts = [f"{r['instruction']} {r['input']}" for r in records if r["category"] == category]
-        for word, _ in data._shared_facts(category):
+        for word, _ in make_demo._shared_facts(category):
             assert sum(bool(re.search(rf"\b{word}\b", t)) for t in texts) >= 3, (category, word)
 
 
@@ -354,9 +358,10 @@ def test_single_model_demo_has_one_answer_per_prompt_and_no_repeats(single, reco
     # every fact is asked in several phrasings, so a held-out record asks a fact seen in other phrasings
     for category in ["opposite", "kind", "sentiment"]:
         texts = [f"{r['instruction']} {r['input']}" for r in single if r["category"] == category]
-        for word, _ in data._shared_facts(category):
+        for word, _ in make_demo._shared_facts(category):
             assert sum(bool(re.search(rf"\b{word}\b", t)) for t in texts) >= 3, (category, word)
 
 
 def test_tokenizer_texts_come_from_the_client_files(records):
+    assert data.DEMO_CLIENTS == make_demo.CLIENTS  # the files the generator writes, in its order
     assert data.demo_texts(DATA_DIR) == [t for r in records for t in (r["instruction"], r["input"], r["output"]) if t]
