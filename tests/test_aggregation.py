@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 import bench
+import client as fl_client
 import config as C
 import fedavg
 import federated
 import lora
+import server as fl_server
 from conftest import run_main
 from test_federated import CONFIG, adapter_tensors, events, small_run
 
@@ -102,12 +104,12 @@ def test_the_stack_in_a_model_adds_exactly_its_product():
     stacked = {}
     for rnd in range(2):  # rank 6, then 12
         stacked = fedavg.stack_lora(stacked, states, [1.0, 3.0], 2.0)
-        assert federated.load_stack(model, stacked, ["l0"]) == ["stacked"]
+        assert fl_client.load_stack(model, stacked, ["l0"]) == ["stacked"]
         lora.set_active(model, ["stacked"])
         want = base.double() + x.double() @ ((rnd + 1) * exact_mean(states, [1.0, 3.0], "l0", 2.0)).t()
         assert torch.allclose(model.l0(x).double(), want, atol=1e-5)
         assert model.l0.config["stacked"]["r"] == 6 * (rnd + 1) and model.l0.config["stacked"]["scale"] == 1
-    assert federated.load_stack(model, {}, ["l0"]) == [] and "stacked" not in model.l0.config
+    assert fl_client.load_stack(model, {}, ["l0"]) == [] and "stacked" not in model.l0.config
 
 
 @pytest.mark.parametrize("use_dp", [False, True])
@@ -119,9 +121,9 @@ def test_ffa_aggregate_is_the_exact_weighted_mean_of_the_products(use_dp):
     initial = {k: v * 0 if "lora_B" in k else v for k, v in client_states(1, seed=6)[0].items()}
     trained = client_states(3, seed=7, shared_a=initial)
     weights = [1, 1, 1] if use_dp else [4, 1, 2]  # DP: an equal-weight mean (fedavg.dp_mean)
-    server = federated.Server(cfg, ["a", "b", "c"], initial)
+    server = fl_server.Server(cfg, ["a", "b", "c"], initial)
     assert server.global_state.keys() == {k for k in initial if "lora_B" in k}
-    uploads = [federated.split(s, "ffa")[0] for s in trained]
+    uploads = [fedavg.AGGREGATIONS["ffa"].split(s)[0] for s in trained]
     assert all(u.keys() == server.global_state.keys() for u in uploads)  # B only: half of these factors
     # with DP: no noise (dp_noise 0) and a clip far above the updates: the fixed-denominator mean of all three
     assert server.aggregate(1, ["a", "b", "c"], uploads, [4, 1, 2], [])
@@ -141,13 +143,13 @@ def test_fedsa_never_uploads_b_and_reports_fedavg_error_where_it_can(cache_dir, 
     global), the server's round_NNN/global holds A alone. The round record's bytes are the uploads'.
     And for fedavg (the default) the reported FedAvg error equals a float64 recomputation from the uploads."""
     seen = []
-    real = federated.Server.aggregate
+    real = fl_server.Server.aggregate
 
     def spy(self, rnd, sampled, uploads, weights, failed):
-        seen.append((self.aggregation, [dict(u) for u in uploads], list(weights)))
+        seen.append((self.agg, [dict(u) for u in uploads], list(weights)))
         return real(self, rnd, sampled, uploads, weights, failed)
 
-    monkeypatch.setattr(federated.Server, "aggregate", spy)
+    monkeypatch.setattr(fl_server.Server, "aggregate", spy)
     for aggregation in ("fedsa", "fedavg"):
         out = tmp_path / aggregation
         args = small_run(cache_dir, out, f"federated.aggregation={aggregation}", "federated.rounds=1")
@@ -184,13 +186,13 @@ def test_fedsa_never_uploads_b_and_reports_fedavg_error_where_it_can(cache_dir, 
 def test_ffa_clients_train_b_and_never_move_a(cache_dir, tmp_path, capsys, monkeypatch):
     """Every trained global adapter under ffa keeps the A that round_NNN/global (the shared init) holds."""
     trained = []
-    real = federated.split
+    real = fedavg.Aggregation.split
 
-    def spy(state, aggregation):
+    def spy(self, state):
         trained.append({k: v.clone() for k, v in state.items()})
-        return real(state, aggregation)
+        return real(self, state)
 
-    monkeypatch.setattr(federated, "split", spy)
+    monkeypatch.setattr(fedavg.Aggregation, "split", spy)
     out = tmp_path / "ffa"
     args = small_run(cache_dir, out, "federated.aggregation=ffa", "federated.rounds=1")
     code, _, err = run_main(federated.main, args, capsys)

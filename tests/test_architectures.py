@@ -15,7 +15,9 @@ import lora
 import loss as L
 import merge
 import model as M
+import prepare
 import train
+import trainer
 from conftest import run_main, tiny_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,12 +125,12 @@ def test_loss_and_gradients_equal_transformers(family, arch_dir):
 def test_a_few_steps_lower_the_loss(family, arch_dir):
     model, tok = load(arch_dir(family))
     params = with_random_adapter(model)
-    optimizer = train.make_optimizer(params, 1e-2, 0.0, torch.device("cpu"))
+    optimizer = trainer.make_optimizer(params, 1e-2, 0.0, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = demo_batch(tok)
     model.train()
     losses = [
-        train.train_step(model, params, optimizer, scaler, [batch], torch.device("cpu"), torch.float32, 1.0)[0]
+        trainer.train_step(model, params, optimizer, scaler, [batch], torch.device("cpu"), torch.float32, 1.0)[0]
         for _ in range(6)
     ]
     # measured over seeds 0-4: Cohere 0.77-0.79 (its logit scale 0.0625 flattens the loss), the others <= 0.5
@@ -181,7 +183,7 @@ def test_all_linear_on_phi3_adapts_its_fused_projections(arch_dir, capsys):
 def test_default_targets_on_phi3_warn_about_the_names_it_lacks(arch_dir, capsys):
     model, _ = load(arch_dir("phi3"))
     lc = dict(target_modules=SEVEN, r=2, alpha=4, dropout=0.0, use_dora=False, use_rslora=False)
-    train.add_adapters(model, lc, ["default"])
+    prepare.add_adapters(model, lc, ["default"])
     out, err = capsys.readouterr()
     assert "adapters default on 4 linear layers: o_proj, down_proj (2 layers each)" in out
     assert err.strip() == (

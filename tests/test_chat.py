@@ -3,6 +3,7 @@ five public chat templates (written here as jinja strings), against transformers
 and through train.py, infer.py, federated.py and flower_app.py's site on the tiny model."""
 
 import copy
+import importlib.util
 import json
 import os
 import types
@@ -15,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 import config
 import data
+import evaluation
 import federated
 import infer
 import lora
@@ -25,6 +27,9 @@ from data import DataError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
 CHAT_DEMO = os.path.join(ROOT, "data", "chat_demo.json")
+_spec = importlib.util.spec_from_file_location("make_demo", os.path.join(ROOT, "data", "make_demo.py"))
+make_demo = importlib.util.module_from_spec(_spec)  # the demo generator, a script beside the files it writes
+_spec.loader.exec_module(make_demo)
 
 # The templates, after the public ones (minus tools and other extras we do not use).
 QWEN25 = (  # ChatML with Qwen2.5's default system message
@@ -338,8 +343,8 @@ def test_train_on_prompt_is_refused_with_the_new_key(tmp_path):
 
 
 def test_chat_demo_matches_its_generator_and_needs_the_history(tmp_path):
-    records = data.make_chat_demo(tmp_path)
-    assert (tmp_path / "chat_demo.json").read_bytes() == open(CHAT_DEMO, "rb").read(), "run python data.py"
+    records = make_demo.make_chat_demo(tmp_path)
+    assert (tmp_path / "chat_demo.json").read_bytes() == open(CHAT_DEMO, "rb").read(), "run python data/make_demo.py"
     loaded = data.load_records(CHAT_DEMO)
     assert [{k: v for k, v in r.items() if k != "_where"} for r in loaded] == records
     answers = {}  # the last question alone -> its answers
@@ -354,13 +359,13 @@ def test_conversations_train_and_evaluate_on_the_last_turn(cache_dir, tmp_path, 
     """train.py on the chat demo: the eval answers each held-out conversation's last turn from its history,
     as infer.py --input does."""
     asked = []
-    real = infer.predict
+    real = evaluation.predict
 
     def spy(model, tok, records, *a, **k):
         asked.append([data.prompt_ids(tok, r) for r in records])
         return real(model, tok, records, *a, **k)
 
-    monkeypatch.setattr(infer, "predict", spy)
+    monkeypatch.setattr(evaluation, "predict", spy)
     out = tmp_path / "run"
     argv = [CONFIG, f"model.cache_dir={cache_dir}", f"data.train_file={CHAT_DEMO}", f"train.output_dir={out}",
             "train.max_steps=2", "train.eval_every=0", "train.batch_size=8", "train.eval_max_new_tokens=4",

@@ -7,12 +7,15 @@ import os
 import pytest
 import torch
 
+import client as fl_client
 import config as C
 import data as D
 import fedavg
 import federated
 import lora
-import train
+import prepare
+import server as fl_server
+import trainer
 from conftest import run_main, tiny_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +82,7 @@ def test_demo_run_metrics_and_checkpoints(cache_dir, tmp_path, capsys):
     out = tmp_path / "fed"
     code, stdout, err = run_main(federated.main, small_run(cache_dir, out, "train.keep_checkpoints=1"), capsys)
     assert code == 0, err
-    assert federated.completed_rounds(out) == ["round_002"]  # round_001 pruned
+    assert fl_server.completed_rounds(out) == ["round_002"]  # round_001 pruned
     records = events(out)
     per_client = [r for r in records if "client" in r]
     assert {(r["round"], r["client"], r["adapters"]) for r in per_client} == {
@@ -122,13 +125,15 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
     sampled = summaries[2]["clients"]
     assert len(sampled) == 2 and sampled == fedavg.sample_clients(["fr", "de", "es"], 2, seed, fraction=0.67)
 
-    train.seed_everything(seed)
-    model, tok, _, device, dtype = C.load_base(cfg)
-    train.add_adapters(model, cfg["lora"], ["global", "local"])
-    clients = federated.load_clients(cfg)
+    prepare.seed_everything(seed)
+    model, tok, base, device, dtype = C.load_base(cfg)
+    prepare.add_adapters(model, cfg["lora"], ["global", "local"])
+    collate = trainer.collator(model, tok.pad_token_id, dc["packing"], dc["max_seq_len"])
+    run = prepare.Run(model, tok, base, device, dtype, {}, collate, cfg["train"]["batch_size"])
+    clients = prepare.client_records(cfg)
     r1, r2 = out / "round_001", out / "round_002"
     x1 = adapter_tensors(r1 / "global")
-    lr = train.lr_at(1, 2, 0, cfg["train"]["lr"], cfg["train"]["min_lr_ratio"])  # round 2 of 2, no warmup
+    lr = trainer.lr_at(1, 2, 0, cfg["train"]["lr"], cfg["train"]["min_lr_ratio"])  # round 2 of 2, no warmup
     uploads, counts = [], []
     for i, c in enumerate(sampled):
         examples = D.tokenize_records(tok, clients[c][0], dc["max_seq_len"], dc["system_prompt"], dc["train_on"])
@@ -137,8 +142,7 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
         opt = r1 / "clients" / c / "local_optimizer.pt"
         local_opt = torch.load(opt, weights_only=False) if opt.exists() else None
         torch.manual_seed(seed * 1_000_003 + 2 * 1009 + i)  # the task's seeds (Server.tasks)
-        federated.client_update(model, mode, examples, lr, cfg, seed * 1009 + 2 * 31 + i, device, dtype,
-                                tok.pad_token_id, local_opt)  # fmt: skip
+        fl_client.client_update(run, cfg, examples, lr, seed * 1009 + 2 * 31 + i, local_opt)
         uploads.append({k: v.double() for k, v in lora.adapter_state_dict(model, "global").items()})
         counts.append(len(examples))
         local = adapter_tensors(r2 / "clients" / c / "local")  # the client's own adapter moved on, as replayed
@@ -184,7 +188,7 @@ def test_resume_equals_an_uninterrupted_run(server, cache_dir, tmp_path, capsys,
     if "fedad" in server or "fedavgm" in server:
         buffers = torch.load(full / "round_001/server.pt", weights_only=False)["server_optimizer"]["m"]
         assert buffers and all(v.any() for v in buffers.values())  # round 2 depends on them
-    real = federated.client_update
+    real = fl_client.client_update
     calls = []
 
     def die_in_round_two(*a, **k):
@@ -193,11 +197,11 @@ def test_resume_equals_an_uninterrupted_run(server, cache_dir, tmp_path, capsys,
             raise KeyboardInterrupt  # not an Exception: the process dies, as on a power cut
         return real(*a, **k)
 
-    monkeypatch.setattr(federated, "client_update", die_in_round_two)
+    monkeypatch.setattr(fl_client, "client_update", die_in_round_two)
     with pytest.raises(KeyboardInterrupt):
         federated.main(run(cut))
-    monkeypatch.setattr(federated, "client_update", real)
-    assert federated.completed_rounds(cut) == ["round_001"]
+    monkeypatch.setattr(fl_client, "client_update", real)
+    assert fl_server.completed_rounds(cut) == ["round_001"]
     code, stdout, err = run_main(federated.main, run(cut) + ["--resume"], capsys)
     assert code == 0, err
     assert "resumed after round_001" in stdout
@@ -215,16 +219,16 @@ def test_a_failing_client_is_left_out(min_clients, cache_dir, tmp_path, capsys, 
     """de fails in round 1 of 2: with min_clients=2 the round averages fr and es; with min_clients=3 two
     uploads are too few, so round 1 leaves the global adapter as it was (round 2 then goes on from it)."""
     out = tmp_path / "fed"
-    real = federated.client_update
+    real = fl_client.client_update
     state = {}
 
-    def fail_on_de(model, mode, examples, *a, **k):
+    def fail_on_de(run, cfg, examples, *a, **k):
         if examples is state["de"] and not state.get("failed"):  # de's first turn: round 1
             state["failed"] = True
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(model, mode, examples, *a, **k)
+        return real(run, cfg, examples, *a, **k)
 
-    real_tokenize = federated.D.tokenize_records
+    real_tokenize = D.tokenize_records
 
     def remember(tok, recs, *a):
         result = real_tokenize(tok, recs, *a)
@@ -232,8 +236,8 @@ def test_a_failing_client_is_left_out(min_clients, cache_dir, tmp_path, capsys, 
             state["de"] = result
         return result
 
-    monkeypatch.setattr(federated.D, "tokenize_records", remember)
-    monkeypatch.setattr(federated, "client_update", fail_on_de)
+    monkeypatch.setattr(D, "tokenize_records", remember)
+    monkeypatch.setattr(fl_client, "client_update", fail_on_de)
     argv = small_run(cache_dir, out, f"federated.min_clients={min_clients}")
     code, stdout, err = run_main(federated.main, argv, capsys)
     assert code == 0, err
@@ -256,12 +260,12 @@ def test_a_failing_client_is_left_out(min_clients, cache_dir, tmp_path, capsys, 
 def test_too_few_clients_leave_the_global_adapter_unchanged(cache_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "fed"
 
-    def nan_update(model, *a, **k):
-        for p in lora.adapter_parameters(model, "global"):
+    def nan_update(run, *a, **k):
+        for p in lora.adapter_parameters(run.model, "global"):
             p.data.fill_(float("nan"))
         return 0.0, None
 
-    monkeypatch.setattr(federated, "client_update", nan_update)
+    monkeypatch.setattr(fl_client, "client_update", nan_update)
     code, stdout, err = run_main(
         federated.main, small_run(cache_dir, out, "federated.rounds=1", "federated.min_clients=2"), capsys
     )
@@ -310,7 +314,7 @@ def test_dp_clips_at_the_client_and_adds_seeded_noise_at_the_server(cache_dir, t
     fixed-denominator mean of the uploads plus noise drawn from the round's seed, and the epsilon reported
     each round equal to the accountant's for (q, z, rounds, delta)."""
     norms, rounds = [], []
-    real_clip, real_mean = federated.fedavg.clip_update, federated.fedavg.dp_mean
+    real_clip, real_mean = fedavg.clip_update, fedavg.dp_mean
 
     def clip(state, reference, max_norm):
         out, norm = real_clip(state, reference, max_norm)
@@ -321,8 +325,8 @@ def test_dp_clips_at_the_client_and_adds_seeded_noise_at_the_server(cache_dir, t
         rounds.append(([{k: v.clone() for k, v in u.items()} for u in uploads], dict(reference), a))
         return real_mean(reference, uploads, *a)
 
-    monkeypatch.setattr(federated.fedavg, "clip_update", clip)
-    monkeypatch.setattr(federated.fedavg, "dp_mean", mean)
+    monkeypatch.setattr(fedavg, "clip_update", clip)
+    monkeypatch.setattr(fedavg, "dp_mean", mean)
     out = tmp_path / "fed"
     code, stdout, err = run_main(federated.main, small_run(cache_dir, out, *DP), capsys)
     assert code == 0, err
@@ -355,7 +359,7 @@ def test_dp_max_epsilon_stops_before_the_round_that_would_exceed_it(cache_dir, t
     assert code == 0, err
     assert f"stopped before round 2: epsilon would reach {eps2:.3g} > federated.dp_max_epsilon={limit:g}" in stdout
     assert [r["round"] for r in events(out) if "uploaded_bytes" in r] == [1]
-    assert federated.completed_rounds(out) == ["round_001"]
+    assert fl_server.completed_rounds(out) == ["round_001"]
 
 
 def test_a_poisson_round_may_sample_no_client(cache_dir, tmp_path, capsys):

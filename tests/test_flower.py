@@ -16,8 +16,10 @@ import time
 import pytest
 import torch
 
+import fedavg
 import federated
 import lora
+import server as fl_server
 from conftest import run_main, seconds
 
 flwr = pytest.importorskip("flwr")
@@ -324,7 +326,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(kind, dep
         time.sleep(0.5)
     for name in ("superlink", "supernode_fr", "supernode_de", "run"):
         deployment.kill(name)
-    assert federated.completed_rounds(dep) == ["round_001"]
+    assert fl_server.completed_rounds(dep) == ["round_001"]
     deployment.port = free_port()
     start()
     deployment.start_run(job_(dep, ["fr", "de"]), resume=True)
@@ -337,8 +339,8 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(kind, dep
             a, b = tensors(sim / rnd / "clients" / site / "local"), tensors(state / site / rnd / "local")
             assert all(torch.equal(a[k], b[k]) for k in a), (rnd, site)
             if kind == "fedsa":  # the site's own B (beside the A it trained from; the simulation's: the new A)
-                a = federated.split(tensors(sim / rnd / "clients" / site / "global"), "fedsa")[1]
-                b = federated.split(tensors(state / site / rnd / "global"), "fedsa")[1]
+                a = fedavg.AGGREGATIONS["fedsa"].split(tensors(sim / rnd / "clients" / site / "global"))[1]
+                b = fedavg.AGGREGATIONS["fedsa"].split(tensors(state / site / rnd / "global"))[1]
                 assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (rnd, site)
     assert per_client(sim) == per_client(dep)  # eval loss and exact match, every round, site and view
     assert not (dep / "round_002/clients").exists()  # the coordinator never holds a local adapter

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data as D
+import evaluation
 import infer
 import lora
 import model as M
@@ -64,13 +65,14 @@ def greedy(model, prompt_ids, max_new_tokens):
 
 
 def test_exact_match_and_rouge_l_by_hand():
-    assert infer.exact_match("  The cat\n sat ", "The cat sat") == 1.0  # whitespace is normalized
-    assert infer.exact_match("the cat sat", "The cat sat") == 0.0  # case is not
+    assert evaluation.exact_match("  The cat\n sat ", "The cat sat") == 1.0  # whitespace is normalized
+    assert evaluation.exact_match("the cat sat", "The cat sat") == 0.0  # case is not
     # LCS(the cat sat on the mat, the cat lay on a mat) = "the cat on mat": P = R = 4/6
-    assert infer.rouge_l("the cat sat on the mat", "The cat lay on a mat") == pytest.approx(2 / 3)
-    assert infer.rouge_l("a b c", "a c") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))  # P 2/3, R 1: 0.8
-    assert infer.rouge_l("Paris", "paris") == 1.0 and infer.rouge_l("x y", "z") == 0.0
-    assert infer.rouge_l("", "") == 1.0 and infer.rouge_l("", "a") == 0.0 and infer.rouge_l("a", "") == 0.0
+    assert evaluation.rouge_l("the cat sat on the mat", "The cat lay on a mat") == pytest.approx(2 / 3)
+    assert evaluation.rouge_l("a b c", "a c") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))  # P 2/3, R 1: 0.8
+    assert evaluation.rouge_l("Paris", "paris") == 1.0 and evaluation.rouge_l("x y", "z") == 0.0
+    assert evaluation.rouge_l("", "") == 1.0 and evaluation.rouge_l("", "a") == 0.0
+    assert evaluation.rouge_l("a", "") == 0.0
 
 
 def test_rouge_l_equals_brute_force_lcs():
@@ -88,7 +90,7 @@ def test_rouge_l_equals_brute_force_lcs():
         r = [rng.choice("abcd") for _ in range(rng.randint(1, 7))]
         n = lcs(p, r)
         expect = 0.0 if n == 0 else 2 * n / (len(p) + len(r))  # F1 with P = n/|p|, R = n/|r|
-        assert infer.rouge_l(" ".join(p), " ".join(r)) == pytest.approx(expect)
+        assert evaluation.rouge_l(" ".join(p), " ".join(r)) == pytest.approx(expect)
 
 
 def test_score_known_predictions():
@@ -97,7 +99,7 @@ def test_score_known_predictions():
         {"instruction": "i2", "input": "x", "output": "the big red dog"},
         {"instruction": "i3", "input": "", "output": "positive"},
     ]
-    rows, metrics = infer.score(records, ["cold", "a big dog", "negative"])
+    rows, metrics = evaluation.score(records, ["cold", "a big dog", "negative"])
     assert [r["exact_match"] for r in rows] == [1.0, 0.0, 0.0]
     assert [r["rouge_l"] for r in rows] == pytest.approx([1.0, 2 * 2 / (3 + 4), 0.0])  # LCS "big dog": 2
     assert [r["contains"] for r in rows] == [1.0, 0.0, 0.0]
@@ -119,11 +121,11 @@ def test_score_known_predictions():
 
 
 def test_contains_matches_whole_words_in_a_row():
-    assert infer.contains("The capital of France is Paris.", "Paris") == 1.0  # case and punctuation dropped
-    assert infer.contains("It is Parisian.", "Paris") == 0.0  # whole words only
-    assert infer.contains("Leonardo da Vinci painted it", "da Vinci") == 1.0
-    assert infer.contains("Vinci da Leonardo", "da Vinci") == 0.0  # in order, in a row
-    assert infer.contains("water is H2O!", "h2o") == 1.0 and infer.contains("", "a") == 0.0
+    assert evaluation.contains("The capital of France is Paris.", "Paris") == 1.0  # case and punctuation dropped
+    assert evaluation.contains("It is Parisian.", "Paris") == 0.0  # whole words only
+    assert evaluation.contains("Leonardo da Vinci painted it", "da Vinci") == 1.0
+    assert evaluation.contains("Vinci da Leonardo", "da Vinci") == 0.0  # in order, in a row
+    assert evaluation.contains("water is H2O!", "h2o") == 1.0 and evaluation.contains("", "a") == 0.0
 
 
 # ---------------------------------------------------------------- adapters
@@ -133,7 +135,7 @@ def test_adapter_weights_scale_lora_updates(cache_dir, adapters):
     tiny = tiny_dir(cache_dir)
     ids = torch.tensor([D.encode(M.load_tokenizer(tiny), PROMPT)])
     ours, _ = M.load_model(tiny, "none", torch.float32, "cpu", gradient_checkpointing=False)
-    assert infer.load_adapters(ours, [adapters["lora"], adapters["lora2"]], [0.5, -2.0]) == ["a0", "a1"]
+    assert lora.load_adapters(ours, [adapters["lora"], adapters["lora2"]], [0.5, -2.0]) == ["a0", "a1"]
     ref, _ = M.load_model(tiny, "none", torch.float32, "cpu", gradient_checkpointing=False)
     for name, path, w in [("x", adapters["lora"], 0.5), ("y", adapters["lora2"], -2.0)]:
         lora.load_adapter(ref, path, name)
@@ -149,9 +151,9 @@ def test_adapter_weights_scale_lora_updates(cache_dir, adapters):
 def test_a_dora_adapter_takes_weight_one_only(cache_dir, adapters):
     model, _ = M.load_model(tiny_dir(cache_dir), "none", torch.float32, "cpu", gradient_checkpointing=False)
     with pytest.raises(ValueError, match="a DoRA adapter cannot be weighted"):
-        infer.load_adapters(model, [adapters["lora"], adapters["dora"]], [0.5, 0.5])
+        lora.load_adapters(model, [adapters["lora"], adapters["dora"]], [0.5, 0.5])
     model, _ = M.load_model(tiny_dir(cache_dir), "none", torch.float32, "cpu", gradient_checkpointing=False)
-    assert infer.load_adapters(model, [adapters["dora"]], [1.0]) == ["a0"]
+    assert lora.load_adapters(model, [adapters["dora"]], [1.0]) == ["a0"]
 
 
 # ---------------------------------------------------------------- generation against PEFT, the baseline
@@ -242,7 +244,7 @@ def test_default_nf4_bf16_inference_against_peft_on_the_same_base(kind, cache_di
         assert ours == answers
         return
     mine, _ = M.load_model(tiny, "nf4", torch.bfloat16, "cpu", "auto", gradient_checkpointing=False)
-    infer.load_adapters(mine, [adapters[kind]])
+    lora.load_adapters(mine, [adapters[kind]])
     full_mask = torch.cat([mask, torch.ones_like(out[:, width:])], dim=1)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref = theirs(input_ids=out, attention_mask=full_mask).logits.float()[:, width - 1 : -1]  # (B, new, V)
@@ -273,9 +275,9 @@ def test_baseline_batch_mode_writes_predictions_and_metrics(cache_dir, tmp_path,
         (r["instruction"], r.get("input", ""), r["output"]) for r in records
     ]
     for row in rows:
-        assert row["exact_match"] == infer.exact_match(row["prediction"], row["reference"])
-        assert row["rouge_l"] == infer.rouge_l(row["prediction"], row["reference"])
-        assert row["contains"] == infer.contains(row["prediction"], row["reference"])
+        assert row["exact_match"] == evaluation.exact_match(row["prediction"], row["reference"])
+        assert row["rouge_l"] == evaluation.rouge_l(row["prediction"], row["reference"])
+        assert row["contains"] == evaluation.contains(row["prediction"], row["reference"])
     metrics = json.loads((tmp_path / "out" / "preds.metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["adapters"] == [] and metrics["max_new_tokens"] == 4
     assert metrics["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 3)
@@ -331,7 +333,7 @@ def test_chat_keeps_the_history_and_resets(cache_dir, monkeypatch):
         prompts.append(tok.decode(batch[0]))
         return [D.encode(tok, f"reply {len(prompts)}")]
 
-    monkeypatch.setattr(infer, "generate", fake_generate)
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
     monkeypatch.setattr("builtins.input", scripted_input("hello", "", "and then?", "/reset", "again", "/exit", "no"))
     infer.chat(None, tok, "Be brief.", "cpu", torch.float32, {})
     sys_turn = "<|im_start|>system\nBe brief.<|im_end|>\n"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
-import infer
+import lora
 import merge
 import model as M
 from conftest import run_main, seconds, tiny_dir
@@ -34,7 +34,7 @@ def relative_errors(cache_dir, quantization, dtype, dirs, weights, merged_dir):
 
     tiny = tiny_dir(cache_dir)
     ref, tok = M.load_model(tiny, quantization, dtype, "cpu", gradient_checkpointing=False)
-    infer.load_adapters(ref, dirs, weights)
+    lora.load_adapters(ref, dirs, weights)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
     errors = []
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):

@@ -17,11 +17,13 @@ import transformers.masking_utils
 
 import config as C
 import data as D
+import evaluation
 import federated
 import lora
 import loss as L
 import model as M
 import train
+import trainer
 from conftest import run_main, tiny_dir
 from test_architectures import relative, save_tiny, with_random_adapter
 from test_train import CONFIG, ROOT, small_run, tiny
@@ -170,12 +172,12 @@ def test_attention_across_examples_fails_both_comparisons(family, arch, monkeypa
     params = with_random_adapter(model)
     model.eval()
     exs = examples(tok)
-    train.check_packing(model, exs[0], torch.device("cpu"), torch.float32)  # the real mask passes
+    trainer.check_packing(model, exs[0], torch.device("cpu"), torch.float32)  # the real mask passes
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     assert compare_with_padded(model, tok, params, exs) > 1e-3
     assert logits_in_pack_vs_alone(model, tok, exs) > 1e-3
     with pytest.raises(M.ModelError, match="lets attention cross the examples of a packed row"):
-        train.check_packing(model, exs[0], torch.device("cpu"), torch.float32)  # what train.py runs first
+        trainer.check_packing(model, exs[0], torch.device("cpu"), torch.float32)  # what train.py runs first
 
 
 def test_a_model_whose_attention_crosses_examples_is_refused_in_one_line(cache_dir, tmp_path, capsys, monkeypatch):
@@ -193,9 +195,9 @@ def test_evaluation_gives_the_same_loss_packed_or_not(cache_dir):
     model, tok = tiny(cache_dir)
     exs = examples(tok)
     cpu, f32 = torch.device("cpu"), torch.float32
-    padded = train.evaluate(model, exs, 4, functools.partial(D.collate, pad_id=tok.pad_token_id), cpu, f32)
-    packed = train.evaluate(model, exs, 4, functools.partial(D.collate_packed, pad_id=tok.pad_token_id, max_len=64),
-                            cpu, f32)  # fmt: skip
+    padded = evaluation.evaluate(model, exs, 4, functools.partial(D.collate, pad_id=tok.pad_token_id), cpu, f32)
+    packed_collate = functools.partial(D.collate_packed, pad_id=tok.pad_token_id, max_len=64)
+    packed = evaluation.evaluate(model, exs, 4, packed_collate, cpu, f32)
     assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)
 
 
@@ -203,11 +205,13 @@ def test_collator_follows_the_config_and_the_attention(cache_dir):
     model, tok = tiny(cache_dir)
     cfg = C.load_config(CONFIG, ["data.packing=true", "data.max_seq_len=64"])
     exs = examples(tok)
-    assert "position_ids" in train.collator(cfg, model, tok.pad_token_id)(exs)
-    assert train.collator(cfg, model, tok.pad_token_id)(exs)["input_ids"].shape[1] <= 64
+    dc = cfg["data"]
+    assert "position_ids" in trainer.collator(model, tok.pad_token_id, dc["packing"], dc["max_seq_len"])(exs)
+    assert trainer.collator(model, tok.pad_token_id, True, 64)(exs)["input_ids"].shape[1] <= 64
     model.config._attn_implementation = "flash_attention_2"  # its varlen kernel takes one row of them all
-    assert len(train.collator(cfg, model, tok.pad_token_id)(exs)["input_ids"]) == 1
-    assert "attention_mask" in train.collator(C.load_config(CONFIG, []), model, tok.pad_token_id)(exs)
+    assert len(trainer.collator(model, tok.pad_token_id, True, 64)(exs)["input_ids"]) == 1
+    dc = C.load_config(CONFIG, [])["data"]
+    assert "attention_mask" in trainer.collator(model, tok.pad_token_id, dc["packing"], dc["max_seq_len"])(exs)
 
 
 def test_batch_size_probe_measures_packed_micro_batches(cache_dir, monkeypatch):
@@ -227,10 +231,10 @@ def test_batch_size_probe_measures_packed_micro_batches(cache_dir, monkeypatch):
     longest = max(len(e["input_ids"]) for e in exs)
     rows_of_two = functools.partial(D.collate_packed, pad_id=tok.pad_token_id, max_len=2 * longest)
     cpu, f32 = torch.device("cpu"), torch.float32
-    assert train.largest_batch_size(model, exs, rows_of_two, cpu, f32, limit=64) == 4  # two in each row
+    assert trainer.largest_batch_size(model, exs, rows_of_two, cpu, f32, limit=64) == 4  # two in each row
     assert all(seen)
     padded = functools.partial(D.collate, pad_id=tok.pad_token_id)
-    assert train.largest_batch_size(model, exs, padded, cpu, f32, limit=64) == 2  # one in each row
+    assert trainer.largest_batch_size(model, exs, padded, cpu, f32, limit=64) == 2  # one in each row
 
 
 @pytest.mark.parametrize("extra", [(), ("lora.use_dora=true", "train.grad_accum=2")])
@@ -238,7 +242,7 @@ def test_packed_resume_equals_an_uninterrupted_packed_run(extra, cache_dir, tmp_
     extra = ("data.packing=true", "data.max_seq_len=64", "train.keep_checkpoints=5", *extra)
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_main(train.main, small_run(cache_dir, full, *extra), capsys)[0] == 0
-    real_step, calls = train.train_step, []
+    real_step, calls = trainer.train_step, []
 
     def crash_on_fifth(*a, **k):
         calls.append(1)
@@ -247,10 +251,10 @@ def test_packed_resume_equals_an_uninterrupted_packed_run(extra, cache_dir, tmp_
         assert "position_ids" in a[4][0]  # the micro-batches are packed
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train, "train_step", crash_on_fifth)
+    monkeypatch.setattr(trainer, "train_step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         train.main(small_run(cache_dir, cut, *extra))
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(trainer, "train_step", real_step)
     assert run_main(train.main, small_run(cache_dir, cut, *extra) + ["--resume"], capsys)[0] == 0
     a, b = lora.read_adapter(str(full / "adapter"))[1], lora.read_adapter(str(cut / "adapter"))[1]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -287,7 +291,7 @@ def test_a_packed_run_trains_what_the_padded_run_trains(cache_dir, tmp_path, cap
 
 
 def test_federated_clients_train_packed_as_padded(cache_dir, tmp_path, capsys):
-    """Each client's steps and evaluation (federated.Client: the code a Flower site runs) packed: the same
+    """Each client's steps and evaluation (client.Client: the code a Flower site runs) packed: the same
     round as padded, up to summation order."""
     same = ("model.compute_dtype=float32", "lora.dropout=0", "data.max_seq_len=64")
     runs = {}

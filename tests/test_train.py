@@ -12,12 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import config as C
 import data as D
+import evaluation
 import lora
 import loss as L
 import model as M
 import train
+import trainer
 from conftest import run_main, tiny_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +158,7 @@ def test_gradient_accumulation_equals_one_big_batch(cache_dir):
     grads = []
     for groups in ([examples], [examples[0:2], examples[2:4], examples[4:6]]):
         opt = CaptureGrads(params)
-        train.train_step(
+        trainer.train_step(
             model,
             params,
             opt,
@@ -186,29 +189,30 @@ def test_batch_size_auto_finds_the_largest_micro_batch_that_fits(cache_dir, monk
 
     monkeypatch.setattr(L, "loss_sum", loss_sum)
     args = (model, examples, functools.partial(D.collate, pad_id=tok.pad_token_id), torch.device("cpu"), torch.float32)
-    assert train.largest_batch_size(*args, limit=64) == 5
+    assert trainer.largest_batch_size(*args, limit=64) == 5
     assert all(t == longest for _, t in seen)  # probed with the longest example
-    assert train.largest_batch_size(*args, limit=3) == 3
+    assert trainer.largest_batch_size(*args, limit=3) == 3
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
     monkeypatch.setattr(L, "loss_sum", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()))
-    assert train.largest_batch_size(*args, limit=64) == 0
+    assert trainer.largest_batch_size(*args, limit=64) == 0
 
 
 def test_batch_size_auto_off_cuda_and_on_resume(tmp_path):
     tc = C.load_config(CONFIG, ["train.batch_size=auto"])["train"]
     assert tc["batch_size"] == "auto"
-    assert train.resolve_batch_size(tc, None, [], D.collate, torch.device("cpu"), torch.float32) == 16
+    assert trainer.resolve_batch_size(tc["batch_size"], None, [], D.collate, torch.device("cpu"), torch.float32) == 16
     saved = tmp_path / "config.yaml"
-    C.save_yaml({"train": {"batch_size": 12}}, str(saved))
-    assert train.resolve_batch_size(tc, None, [], D.collate, torch.device("cpu"), torch.float32, str(saved)) == 12
-    assert train.resolve_batch_size({"batch_size": 4}, None, [], D.collate, torch.device("cpu"), torch.float32) == 4
+    checkpoints.save_yaml({"train": {"batch_size": 12}}, str(saved))
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert trainer.resolve_batch_size(tc["batch_size"], None, [], D.collate, cpu, f32, str(saved)) == 12
+    assert trainer.resolve_batch_size(4, None, [], D.collate, cpu, f32) == 4
 
 
 def test_lr_schedule():
-    lrs = [train.lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
+    lrs = [trainer.lr_at(s, 100, 10, 1.0, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # decays monotonically after warmup
-    assert train.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert trainer.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------- whole runs
@@ -248,7 +252,7 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
     full, cut = tmp_path / "full", tmp_path / "cut"
     extra = ("lora.use_dora=true", "train.grad_accum=2", "train.keep_checkpoints=5")  # dropout 0.05 is on
     assert run_main(train.main, small_run(cache_dir, full, *extra), capsys)[0] == 0
-    real_step, calls = train.train_step, []
+    real_step, calls = trainer.train_step, []
 
     def crash_on_fifth(*a, **k):
         calls.append(1)
@@ -256,10 +260,10 @@ def test_resume_equals_an_uninterrupted_run(cache_dir, tmp_path, capsys, monkeyp
             raise KeyboardInterrupt  # the machine dies during step 5; step 3 was the last checkpoint
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train, "train_step", crash_on_fifth)
+    monkeypatch.setattr(trainer, "train_step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         train.main(small_run(cache_dir, cut, *extra))
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(trainer, "train_step", real_step)
     assert sorted(os.listdir(cut / "checkpoints")) == ["step_000003"]
     assert run_main(train.main, small_run(cache_dir, cut, *extra) + ["--resume"], capsys)[0] == 0
     for sub in ("adapter", "checkpoints/step_000006/adapter"):
@@ -346,16 +350,16 @@ def test_write_atomically_keeps_the_old_directory_until_the_new_one_is_complete(
     def put(name, text):
         return lambda d: open(os.path.join(d, name), "w").write(text)
 
-    train.write_atomically(str(final), put("a", "old"))
+    checkpoints.write_atomically(str(final), put("a", "old"))
 
     def fail(d):
         put("a", "half")(d)
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        train.write_atomically(str(final), fail)
-    assert (final / "a").read_text() == "old" and train.completed(str(tmp_path), "adapter") == ["adapter"]
-    train.write_atomically(str(final), put("b", "new"))
+        checkpoints.write_atomically(str(final), fail)
+    assert (final / "a").read_text() == "old" and checkpoints.completed(str(tmp_path), "adapter") == ["adapter"]
+    checkpoints.write_atomically(str(final), put("b", "new"))
     assert os.listdir(final) == ["b"] and sorted(os.listdir(tmp_path)) == ["adapter"]
 
 
@@ -466,9 +470,9 @@ def test_shortened_demo_learns_to_answer_held_out_records(cache_dir, tmp_path, c
 
 def test_eval_max_new_tokens_0_turns_generation_off(cache_dir, tmp_path, capsys, monkeypatch):
     def no_generation(*a, **k):
-        raise AssertionError("infer.predict called with train.eval_max_new_tokens=0")
+        raise AssertionError("evaluation.predict called with train.eval_max_new_tokens=0")
 
-    monkeypatch.setattr(train.infer, "predict", no_generation)
+    monkeypatch.setattr(evaluation, "predict", no_generation)
     out = tmp_path / "run"
     argv = small_run(cache_dir, out, "train.max_steps=2", "train.eval_max_new_tokens=0")
     code, stdout, err = run_main(train.main, argv, capsys)
