@@ -1,6 +1,6 @@
 """A federated site: its data, its local adapter, and what it does with the global adapter each round.
 
-    client = Client(name, run, cfg, records, examples)       # run: prepare.prepare()'s model, tok, ...
+    client = Client(name, run, cfg, records)                 # run: prepare.prepare()'s model, examples, ...
     upload, n_examples, loss = client.fit(global_state, task)   # only this ever leaves the site
     rows = client.evaluate(global_state)                      # {view: metrics}, views global/local/global+local
 
@@ -45,10 +45,9 @@ class Client:
         run: prepare.Run,
         cfg: C.Config,
         records: prepare.Records,
-        examples: tuple[list[trainer.Example], list[trainer.Example]],
     ) -> None:
         self.name, self.run, self.model, self.cfg = name, run, run.model, cfg
-        self.records, self.examples = records, examples
+        self.records, self.examples = records, run.examples[name]  # (train, eval), tokenized by prepare()
         self.agg = fedavg.AGGREGATIONS[cfg["federated"]["aggregation"]]
         self.has_local = cfg["federated"]["mode"] != "global_only"
         self.local = lora.adapter_state_dict(self.model, "local") if self.has_local else None  # the fresh adapter
@@ -150,7 +149,7 @@ class Client:
 def client_update(
     run: prepare.Run,
     cfg: C.Config,
-    examples: list[trainer.Example],
+    examples: list[D.Example],
     lr: float,
     seed: int,
     local_optimizer: dict[str, Any] | None = None,
@@ -203,7 +202,7 @@ def train_adapter(
     cfg: C.Config,
     active: list[str],
     trainable: list[str],
-    examples: list[trainer.Example],
+    examples: list[D.Example],
     steps: int,
     lr: float,
     seed: int,
@@ -262,7 +261,7 @@ def evaluate_client(
     run: prepare.Run,
     cfg: C.Config,
     records: list[D.Record],
-    examples: list[trainer.Example],
+    examples: list[D.Example],
     conflicts: set[str],
 ) -> dict[str, float | None]:
     """{eval_loss, exact_match, n, conflict_exact_match, n_conflict} for the active adapters."""

@@ -7,8 +7,9 @@ config.yaml lists them all with a comment each, and the README's config referenc
 (tests/test_config.py keeps the three in step). Any bad key or value is a ConfigError whose message
 names the key; the entry scripts print it as one line (fail) and exit with code 2.
 
-Only the entry scripts (train.py, federated.py, infer.py, merge.py, bench.py) import this module: the
-library modules (lora, model, data, fedavg) take plain arguments and never see a config.
+The entry scripts import this module, and so do the three library modules that turn a config into a run:
+prepare.py (the setup), client.py and server.py (the federated roles). The others (lora, loss, model, data,
+fedavg, trainer, evaluation, distributed, checkpoints) take plain arguments and never see a config.
 """
 
 import argparse

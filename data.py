@@ -67,6 +67,8 @@ TRAIN_ON = ("assistant", "last", "all")
 FORMAT_NAMES = {"alpaca": "Alpaca", "messages": "OpenAI messages", "conversations": "ShareGPT conversations"}
 
 Record = dict[str, Any]  # an Alpaca record's strings, or {"messages": [...]} plus top-level fields
+Example = dict[str, list[int]]  # one tokenized record: input_ids, labels
+Batch = dict[str, torch.Tensor]  # input_ids, labels, and attention_mask (padded) or position_ids (packed): (B, T)
 
 
 class DataError(ValueError):

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from transformers.generation import BaseStreamer
 
-Batch = dict[str, torch.Tensor]
-Example = dict[str, list[int]]
 GEN_BATCH = 16  # prompts generated together
 
 
@@ -159,9 +157,9 @@ def score(records: list[D.Record], answers: list[str]) -> tuple[list[dict[str, A
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    examples: list[Example],
+    examples: list[D.Example],
     batch_size: int,
-    collate: Callable[[list[Example]], Batch],
+    collate: Callable[[list[D.Example]], D.Batch],
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, float]:
@@ -185,10 +183,10 @@ def evaluate(
 def eval_metrics(
     model: nn.Module,
     tok: "PreTrainedTokenizerBase",
-    examples: list[Example],
+    examples: list[D.Example],
     records: list[D.Record],
     batch_size: int,
-    collate: Callable[[list[Example]], Batch],
+    collate: Callable[[list[D.Example]], D.Batch],
     device: torch.device,
     dtype: torch.dtype,
     max_new_tokens: int,

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     views = ["global"] if mode == "global_only" else list(fl_client.VIEWS)
     conflicts = fl_client.conflicting_prompts(clients)
     # the simulation lends every client the one model in memory, in turn
-    sites = {c: fl_client.Client(c, run, cfg, clients[c], run.examples[c]) for c in clients}
+    sites = {c: fl_client.Client(c, run, cfg, clients[c]) for c in clients}
     server = fl_server.Server(cfg, list(clients), lora.adapter_state_dict(run.model, "global"))  # the fresh one
     start = 1
     if args.resume:

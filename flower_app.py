@@ -72,7 +72,7 @@ def site(context: Context) -> tuple[fl_client.Client, str]:
         mode = cfg["federated"]["mode"]
         run = prepare.prepare(cfg, {name: records}, ["global"] + ([] if mode == "global_only" else ["local"]))
         cfg["train"]["batch_size"] = run.batch_size
-        client = fl_client.Client(name, run, cfg, records, run.examples[name])
+        client = fl_client.Client(name, run, cfg, records)
         os.makedirs(state_dir, exist_ok=True)
         _site.update(key=key, client=client, state_dir=state_dir)
     return _site["client"], _site["state_dir"]
@@ -164,7 +164,7 @@ def roster(
     """({site name: node id}, the fresh global adapter, its adapter config), once every expected site is
     connected: data.clients' names if set (in that order), else whoever answers. Every site builds the
     same fresh adapters (same seed), so the first site's serves as the initial global adapter."""
-    expected = [os.path.splitext(os.path.basename(p))[0] for p in cfg["data"]["clients"] or []]
+    expected = prepare.client_names(cfg["data"]["clients"] or [])
     deadline, answers = time.time() + timeout, {}
     while not ((expected and set(expected) <= set(answers)) or (not expected and answers)):
         if time.time() > deadline:

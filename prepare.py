@@ -44,8 +44,8 @@ class Run:
     base_path: str
     device: torch.device
     dtype: torch.dtype
-    examples: dict[str, tuple[list[trainer.Example], list[trainer.Example]]]  # name -> (train, eval)
-    collate: Callable[[list[trainer.Example]], trainer.Batch]
+    examples: dict[str, tuple[list[D.Example], list[D.Example]]]  # name -> (train, eval)
+    collate: Callable[[list[D.Example]], D.Batch]
     batch_size: int
 
 
@@ -135,9 +135,7 @@ def site_records(cfg: C.Config, path: str) -> Records:
 # Tokens and adapters
 
 
-def tokenize(
-    cfg: C.Config, tok: "PreTrainedTokenizerBase", records: list[D.Record], name: str
-) -> list[trainer.Example]:
+def tokenize(cfg: C.Config, tok: "PreTrainedTokenizerBase", records: list[D.Record], name: str) -> list[D.Example]:
     """The records' examples as the data section says (max_seq_len, system_prompt, train_on)."""
     dc = cfg["data"]
     return D.tokenize_records(tok, records, dc["max_seq_len"], dc["system_prompt"], dc["train_on"], name)

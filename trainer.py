@@ -26,9 +26,6 @@ import distributed
 import loss as L
 import model as M
 
-Batch = dict[str, torch.Tensor]  # input_ids, labels, and attention_mask (padded) or position_ids (packed): (B, T)
-Example = dict[str, list[int]]  # input_ids, labels of one tokenized record
-
 
 def lr_at(step: int, max_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float) -> float:
     """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at max_steps. A pure function of the
@@ -57,7 +54,7 @@ def train_step(
     params: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    micro_batches: list[Batch],
+    micro_batches: list[D.Batch],
     device: torch.device,
     dtype: torch.dtype,
     max_grad_norm: float,
@@ -96,7 +93,7 @@ def train_step(
     return total, n_tokens, grad_norm.item()
 
 
-def collator(model: nn.Module, pad_id: int, packing: bool, max_seq_len: int) -> Callable[[list[Example]], Batch]:
+def collator(model: nn.Module, pad_id: int, packing: bool, max_seq_len: int) -> Callable[[list[D.Example]], D.Batch]:
     """How a micro-batch's examples become tensors: padded to the longest (data.collate), or with
     data.packing laid end to end (data.collate_packed), in rows of at most data.max_seq_len tokens, or
     in one row under flash_attention_2, whose varlen kernel costs nothing for the examples' boundaries.
@@ -109,15 +106,15 @@ def collator(model: nn.Module, pad_id: int, packing: bool, max_seq_len: int) -> 
 
 
 def batch_stream(
-    examples: list[Example],
+    examples: list[D.Example],
     batch_size: int,
     seed: int,
     group_by_length: bool,
-    collate: Callable[[list[Example]], Batch],
+    collate: Callable[[list[D.Example]], D.Batch],
     start: int = 0,
     rank: int = 0,
     world: int = 1,
-) -> Iterator[Batch]:
+) -> Iterator[D.Batch]:
     """Endless micro-batches (made by `collate`: collator), epoch after epoch, deterministic from the
     seed; skips the first `start`. With `world` ranks, one shared order is dealt out: rank r takes the
     micro-batches r, r + world, ..."""
@@ -133,8 +130,8 @@ def batch_stream(
 
 def largest_batch_size(
     model: nn.Module,
-    examples: list[Example],
-    collate: Callable[[list[Example]], Batch],
+    examples: list[D.Example],
+    collate: Callable[[list[D.Example]], D.Batch],
     device: torch.device,
     dtype: torch.dtype,
     limit: int,
@@ -178,8 +175,8 @@ def largest_batch_size(
 def resolve_batch_size(
     batch_size: int | str,
     model: nn.Module,
-    examples: list[Example],
-    collate: Callable[[list[Example]], Batch],
+    examples: list[D.Example],
+    collate: Callable[[list[D.Example]], D.Batch],
     device: torch.device,
     dtype: torch.dtype,
     previous_config: str | None = None,
@@ -209,7 +206,7 @@ def resolve_batch_size(
 
 
 @torch.no_grad()
-def check_packing(model: nn.Module, example: Example, device: torch.device, dtype: torch.dtype) -> None:
+def check_packing(model: nn.Module, example: D.Example, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse data.packing for a model whose attention would cross the examples of a packed row: an
     example's tokens (the last 64), reversed, give the same hidden states alone as after the example in
     one row with positions restarting (collate_packed's layout). Models whose masks transformers builds
