@@ -495,7 +495,7 @@ def stack_merge(round_dir: str) -> None:
     cfg["model"].update(quantization="none", compute_dtype="float32", device="cpu")
     model = C.load_base(cfg, gradient_checkpointing=False)[0]
     _, state = lora.read_adapter(os.path.join(round_dir, "global"))
-    history = torch.load(os.path.join(round_dir, "server.pt"), weights_only=False)["history"]
+    history = torch.load(os.path.join(round_dir, "server.pt"), weights_only=True)["history"]
     sizes = [cfg["lora"]["r"] * (len(h["sampled"]) - len(h["failed"])) for h in history]  # ranks added per round
     modules = dict(model.named_modules())
 

@@ -5,14 +5,17 @@
     ckpt, state = read_checkpoint(out, world)         # --resume
 
 A checkpoint is a directory, <output_dir>/checkpoints/step_NNNNNN/{adapter/, state.pt, config.yaml},
-written under a temporary name and renamed (write_atomically): a directory named step_* is complete. The
-federated rounds (server.py, client.py) use the same helpers for round_NNN. State includes every random
-generator's state, so that a resumed run draws the same dropout masks and data order as an uninterrupted
-one. Needs torch, numpy, pyyaml and lora.py (for the adapter files).
+written under a temporary name and renamed (write_atomically): a directory named step_<number> is
+complete, and the largest number is the newest. The federated rounds (server.py, client.py) use the same
+helpers for round_NNN. State includes every random generator's state, so that a resumed run draws the same
+dropout masks and data order as an uninterrupted one; it holds tensors, numbers and strings only, read back
+with weights_only=True (load_state), so that loading a checkpoint never runs code from it. Needs torch,
+numpy, pyyaml and lora.py (for the adapter files).
 """
 
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,22 +39,51 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict[str, Any]:
-    """The state of every random generator a run draws from (torch, numpy, Python, CUDA)."""
+    """The state of every random generator a run draws from (torch, numpy, Python, CUDA), as tensors,
+    numbers and strings only, so that load_state reads it back without unpickling an object."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", 624 uint32 words, ...)
+    version, words, gauss_next = random.getstate()  # (3, 625 ints < 2**32, a float or None)
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() returned."""
+    """Restore what rng_state() returned: the generators then draw exactly what they drew after it."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: str) -> dict[str, Any]:
+    """Read a file that torch.save wrote, holding tensors, numbers and strings only: torch loads it with
+    weights_only=True, which unpickles no other object, so a file from elsewhere cannot run code.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or holds other Python objects; one line
+            naming it and what to do.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, KeyError, EOFError, ... depending on the damage
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # a class the safe load will not build
+        if isinstance(e, FileNotFoundError):
+            what = "missing"
+        elif refused:
+            what = f"holds {refused[1]}, which a weights-only load refuses (written by an older version?)"
+        else:
+            what = "unreadable (truncated or corrupt)"
+        raise CheckpointError(
+            f"{path}: {what}; delete the checkpoint directory that holds it to resume from the one before, "
+            "or start over with train.overwrite=true"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,13 +97,18 @@ def save_yaml(obj: dict, path: str) -> None:
 
 
 def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:
-    """Call write(tmp_dir), then rename tmp_dir to final_dir (replacing an older one)."""
-    tmp = f"{final_dir}.tmp"
+    """Call write(tmp_dir), then rename tmp_dir to final_dir (replacing an older one): a crash leaves the
+    old version or the new one under final_dir, never half of one.
+
+    A final_dir.old left by an earlier crash is put back when final_dir is missing (the crash came between
+    the two renames, so .old is the previous complete version) and deleted otherwise (a stale copy)."""
+    tmp, old = f"{final_dir}.tmp", f"{final_dir}.old"
+    if os.path.exists(old):
+        shutil.rmtree(old) if os.path.exists(final_dir) else os.rename(old, final_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
     if os.path.exists(final_dir):
-        old = f"{final_dir}.old"
         os.rename(final_dir, old)
         os.rename(tmp, final_dir)
         shutil.rmtree(old)
@@ -80,10 +117,12 @@ def write_atomically(final_dir: str, write: Callable[[str], None]) -> None:
 
 
 def completed(parent: str, prefix: str) -> list[str]:
-    """Names of the complete checkpoint directories prefix* in parent, oldest first (write_atomically's
-    .tmp and .old names are never complete)."""
+    """Names of the complete checkpoint directories in parent, prefix followed by a number, in the order of
+    that number (step_999999 before step_1000000; round_999, round_1000, round_1001). Other names, such as
+    write_atomically's .tmp and .old, are never complete."""
     names = os.listdir(parent) if os.path.isdir(parent) else []
-    return sorted(n for n in names if n.startswith(prefix) and "." not in n)
+    numbered = [n for n in names if re.fullmatch(re.escape(prefix) + r"\d+", n)]
+    return sorted(numbered, key=lambda n: int(n[len(prefix) :]))
 
 
 def keep_latest(parent: str, prefix: str, keep: int) -> None:
@@ -142,11 +181,11 @@ def read_checkpoint(out_dir: str, world: int) -> tuple[str, dict[str, Any]]:
     """(the newest checkpoint's directory, its state.pt) for --resume.
 
     Raises:
-        CheckpointError: it was written by a run with another number of processes, whose data order and
-            batch per step this run cannot continue.
+        CheckpointError: its state.pt cannot be read (load_state), or it was written by a run with another
+            number of processes, whose data order and batch per step this run cannot continue.
     """
     ckpt = latest_checkpoint(out_dir)
-    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    state = load_state(os.path.join(ckpt, "state.pt"))
     n = state.get("world_size", 1)
     if n != world:
         how = "python train.py" if n == 1 else f"torchrun --nproc_per_node {n} on one machine"

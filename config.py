@@ -98,6 +98,9 @@ DEFAULTS: Config = {
         dp_noise=0.0,
         dp_delta=1e-5,
         dp_max_epsilon=None,
+        max_update_norm=0.0,
+        weighting="examples",
+        sites=None,
     ),
 }
 REPLACED = {  # keys of earlier versions: the line that says what took their place
@@ -110,6 +113,7 @@ NULLABLE = {  # keys whose default is None
     "data.system_prompt": str,
     "data.clients": list,
     "federated.dp_max_epsilon": float,
+    "federated.sites": dict,
 }
 CHOICES = {
     "model.quantization": M.QUANTIZATIONS,
@@ -121,6 +125,7 @@ CHOICES = {
     "federated.aggregation": ("fedavg", "ffa", "fedsa", "stack"),
     "federated.server_optimizer": ("fedavg", "fedavgm", "fedadam"),
     "federated.sampling": ("auto", "fixed", "poisson"),
+    "federated.weighting": ("examples", "uniform"),
 }
 RULES = {  # key: (test, what it must be)
     "lora.r": (lambda v: v >= 1, ">= 1"),
@@ -158,6 +163,7 @@ RULES = {  # key: (test, what it must be)
     "federated.dp_noise": (lambda v: v >= 0, ">= 0"),
     "federated.dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"),
     "federated.dp_max_epsilon": (lambda v: v is None or v > 0, "> 0 or null"),
+    "federated.max_update_norm": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -285,14 +291,23 @@ def quiet_libraries() -> None:
 
 
 class Logger:
-    """metrics.jsonl (one JSON object per event), plus TensorBoard when it is installed."""
+    """metrics.jsonl (one JSON object per event, each ending in a newline), plus TensorBoard when it is
+    installed."""
 
     def __init__(self, out_dir: str | None) -> None:
-        """out_dir None: log nothing (a data-parallel process other than rank 0, which logs for all)."""
+        """out_dir None: log nothing (a data-parallel process other than rank 0, which logs for all). A
+        resumed run appends to its metrics.jsonl, first cutting off a last line that a crash left without
+        its newline (never finished), so that the next event starts on its own line."""
         self.file = self.tb = None
         if out_dir is None:
             return
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # open for the whole run
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if os.path.isfile(path):
+            with open(path, "rb+") as f:
+                text = f.read()
+                if not text.endswith(b"\n"):
+                    f.truncate(text.rfind(b"\n") + 1)  # 0 when the torn line is the only one
+        self.file = open(path, "a")  # open for the whole run
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -310,6 +325,21 @@ class Logger:
             for k, v in event.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, event.get("step", 0))
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl. A last line that is not valid JSON (a crash in the middle of writing
+    it) is skipped; a bad line anywhere else is a ValueError naming it."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    events = []
+    for i, line in enumerate(lines, 1):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}, line {i}: invalid JSON ({e.msg})") from None
+    return events
 
 
 def resolve_model_path(cfg: Config) -> str:
@@ -334,3 +364,51 @@ def load_base(cfg: Config, gradient_checkpointing: bool | None = None) -> tuple:
     ckpt = mc["gradient_checkpointing"] if gradient_checkpointing is None else gradient_checkpointing
     model, tok = M.load_model(path, mc["quantization"], dtype, device, mc["attention"], ckpt)
     return model, tok, path, device, dtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# --resume: the keys a resumed run must share with the run it continues
+
+RESUME_FIXED = (  # a new value changes the math: the resumed run would not continue the same run
+    "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
+    "train.grad_accum", "train.seed",
+    *(f"lora.{name}" for name in DEFAULTS["lora"]),  # every lora key: the adapters' shape and scale
+    "model.name_or_path", "model.quantization",
+    "data.packing", "data.max_seq_len", "data.train_on", "data.train_file", "data.clients", "data.partition",
+    "data.num_clients", "data.dirichlet_alpha", "data.partition_key", "data.eval_fraction",
+    "federated.mode", "federated.local_steps", "federated.global_steps", "federated.local_weight_decay",
+    "federated.aggregation", "federated.server_optimizer", "federated.server_lr", "federated.fraction",
+    "federated.sampling", "federated.dp_clip", "federated.dp_noise", "federated.dp_delta", "federated.weighting",
+    "federated.max_update_norm",
+)  # fmt: skip
+# free to change on resume: more steps or rounds (train.max_steps, federated.rounds), output, eval, logging
+
+
+def check_resume_config(saved_path: str, cfg: Config) -> None:
+    """Refuse to resume a run whose config changed in a RESUME_FIXED key. saved_path: the config.yaml
+    saved with the checkpoint; a key it lacks (written by an older version) had its default.
+
+    Raises:
+        ConfigError: one line listing every changed key as `old -> new`.
+    """
+    try:
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--resume: cannot read {saved_path} ({str(e).splitlines()[0]})") from None
+    changed = []
+    for key in RESUME_FIXED:
+        section, name = key.split(".")
+        old = (saved.get(section) or {}).get(name, DEFAULTS[section][name])
+        if old != cfg[section][name]:
+            changed.append(f"{key} {_show(old)} -> {_show(cfg[section][name])}")
+    if changed:
+        raise ConfigError(
+            f"--resume: the config changed in keys that change the math: {', '.join(changed)}; resume with the "
+            f"saved values ({saved_path}) or start over with train.overwrite=true"
+        )
+
+
+def _show(value: Any) -> str:
+    """A config value in a message: 0.001, fedavg, true, null, ["q_proj", "v_proj"]."""
+    return value if isinstance(value, str) else json.dumps(value)

@@ -43,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         tc, dc = cfg["train"], cfg["data"]
         out_dir = tc["output_dir"]
         previous = checkpoints.check_output_dir(out_dir, args.resume, tc["overwrite"])
-        ckpt, state = checkpoints.read_checkpoint(out_dir, world) if args.resume else (None, None)
+        ckpt, state = None, None
+        if args.resume:
+            ckpt, state = checkpoints.read_checkpoint(out_dir, world)
+            C.check_resume_config(os.path.join(ckpt, "config.yaml"), cfg)  # refuse a run that would differ
         records = prepare.train_records(cfg)
         C.quiet_libraries()
         if world > 1:

@@ -218,7 +218,7 @@ def test_the_collectives_sum_gradients_share_a_nan_and_agree_on_the_batch_size(t
     mp.start_processes(collectives, (str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
     (a, _), (b, c) = grads_of(0), grads_of(1)
     want = [a + b, c]
-    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     for rank, r in enumerate(results):
         assert all(torch.equal(g, w) for g, w in zip(r["grads"], want, strict=True))
         assert r["loss"] == 1.5 and r["nan_step"] == math.inf

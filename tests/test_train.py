@@ -312,7 +312,7 @@ def test_fp16_run_skips_an_overflowing_step_lowers_the_scale_and_clips(cache_dir
     assert len(log) == 16 and skipped[0] and not any(skipped[-3:])  # overflowed first, then trained
     for i in range(15):  # halved after each overflow, kept otherwise (growth only after 2000 good steps)
         assert log[i + 1]["scale"] == log[i]["scale"] / (2 if skipped[i] else 1)
-    saved = torch.load(out / "checkpoints/step_000016/state.pt", weights_only=False)["scaler"]
+    saved = checkpoints.load_state(str(out / "checkpoints/step_000016/state.pt"))["scaler"]
     assert saved["scale"] == log[-1]["scale"] and log[-1]["scale"] < 2.0**24
     finite = [(b, a) for b, a in norms if math.isfinite(b)]
     assert len(finite) == len(log) - sum(skipped)
@@ -358,9 +358,35 @@ def test_write_atomically_keeps_the_old_directory_until_the_new_one_is_complete(
 
     with pytest.raises(OSError):
         checkpoints.write_atomically(str(final), fail)
-    assert (final / "a").read_text() == "old" and checkpoints.completed(str(tmp_path), "adapter") == ["adapter"]
+    assert (final / "a").read_text() == "old"
     checkpoints.write_atomically(str(final), put("b", "new"))
     assert os.listdir(final) == ["b"] and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_resume_refuses_a_changed_config_or_a_damaged_checkpoint_in_one_line(cache_dir, tmp_path, capsys):
+    """--resume with new values of keys that change the math is refused before anything is written, in one
+    line naming each change and the saved config; more train.max_steps continues the run; a truncated
+    state.pt is one line naming the file and what to do."""
+    out = tmp_path / "run"
+    argv = small_run(cache_dir, out, "train.max_steps=3", "train.eval_every=0", "train.eval_max_new_tokens=0")
+    assert run_main(train.main, argv, capsys)[0] == 0
+    saved = (out / "config.yaml").read_text()
+    code, _, err = run_main(train.main, [*argv, "train.lr=5e-4", "lora.r=8", "--resume"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --resume: the config changed in keys that change the math: train.lr 0.001 -> 0.0005, lora.r 16 -> 8; "
+        f"resume with the saved values ({out / 'checkpoints/step_000003/config.yaml'}) or start over with "
+        "train.overwrite=true"
+    ], err
+    assert (out / "config.yaml").read_text() == saved and (out / "adapter").is_dir()
+    code, stdout, err = run_main(train.main, [*argv, "train.max_steps=4", "--resume"], capsys)
+    assert code == 0 and "resumed from" in stdout and "step_000003" in stdout, err
+    state = out / "checkpoints/step_000004/state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # a disk that filled up, say
+    code, _, err = run_main(train.main, [*argv, "train.max_steps=5", "--resume"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {state}: unreadable (truncated or corrupt); delete the checkpoint directory that holds it to "
+        "resume from the one before, or start over with train.overwrite=true"
+    ], err
 
 
 def test_resume_with_nothing_to_resume_gives_one_clear_line(cache_dir, tmp_path, capsys):
