@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import checkpoints
 import config as C
 import data as D
 import evaluation
@@ -52,7 +53,7 @@ class Client:
         self.has_local = cfg["federated"]["mode"] != "global_only"
         self.local = lora.adapter_state_dict(self.model, "local") if self.has_local else None  # the fresh adapter
         self.local_optimizer: dict[str, Any] | None = None
-        fresh = lora.adapter_state_dict(self.model, "global")  # every client's is the same: same seed
+        self.initial = fresh = lora.adapter_state_dict(self.model, "global")  # the same everywhere: same seed
         self.kept = fresh if self.agg.stacks else self.agg.split(fresh)[1]  # stack: the fresh start of each round
         self.fresh = (self.local, self.local_optimizer, self.kept)
 
@@ -137,7 +138,7 @@ class Client:
         if os.path.isdir(os.path.join(path, "local")):
             self.local = lora.read_adapter(os.path.join(path, "local"))[1]
         if os.path.isfile(os.path.join(path, "local_optimizer.pt")):
-            self.local_optimizer = torch.load(os.path.join(path, "local_optimizer.pt"), weights_only=True)
+            self.local_optimizer = checkpoints.load_state(os.path.join(path, "local_optimizer.pt"))
         if os.path.isdir(os.path.join(path, "global")):  # fedsa: its own B
             self.kept = self.agg.split(lora.read_adapter(os.path.join(path, "global"))[1])[1]
 

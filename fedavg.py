@@ -416,6 +416,11 @@ def _update(
     return delta, math.sqrt(math.fsum(d.square().sum().item() for d in delta.values()))
 
 
+def update_norm(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """||state - reference||, one L2 norm over every tensor (float64): how far a client moved what it got."""
+    return _update(state, reference, "the state")[1]
+
+
 def clip_update(
     state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], max_norm: float
 ) -> tuple[dict[str, torch.Tensor], float]:

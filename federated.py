@@ -19,7 +19,6 @@ an equal-weight mean and reports the epsilon spent (fedavg.py has the formulas).
 same Client and Server on Flower's deployment engine, one site per machine.
 """
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -61,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         previous = checkpoints.check_output_dir(
             out_dir, args.resume, cfg["train"]["overwrite"], files=fl_server.RUN_FILES, latest=fl_server.latest_round
         )
+        if args.resume:  # a changed lr, aggregation, DP setting, client set...: refused in one line
+            C.check_resume_config(os.path.join(fl_server.latest_round(out_dir), "config.yaml"), cfg)
         clients = prepare.client_records(cfg)
         check(cfg, clients)
         C.quiet_libraries()
@@ -77,11 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     conflicts = fl_client.conflicting_prompts(clients)
     # the simulation lends every client the one model in memory, in turn
     sites = {c: fl_client.Client(c, run, cfg, clients[c]) for c in clients}
-    server = fl_server.Server(cfg, list(clients), lora.adapter_state_dict(run.model, "global"))  # the fresh one
+    declared = {c: len(run.examples[c][0]) for c in clients}  # training examples: the most a reply may claim
+    server = fl_server.Server(cfg, list(clients), lora.adapter_state_dict(run.model, "global"), declared)
     start = 1
     if args.resume:
         last = fl_server.latest_round(out_dir)
-        state = fl_server.load_round(last, server, weights_only=False)
+        state = fl_server.load_round(last, server)
         for name, site in sites.items():
             site.load_state(os.path.join(last, "clients", name))
         checkpoints.set_rng_state(state["rng"])
@@ -101,25 +103,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             break
         t0 = time.time()
         tasks = server.tasks(rnd)
-        uploads, weights, losses, failed = [], [], [], []
+        replies, failed = {}, []
         for name, task in tasks:  # in Flower, each of these runs at its own site, in parallel
             try:
-                upload, n, loss = sites[name].fit(server.global_state, task)
+                replies[name] = sites[name].fit(server.global_state, task)  # (upload, n, loss)
             except Exception as e:  # a failing client must not take the federation down with it
                 print(f"  client {name} failed in round {rnd}: {type(e).__name__}: {e}; left out of the average")
                 failed.append(name)
-                continue
             finally:
                 if run.device.type == "cuda":
                     torch.cuda.empty_cache()
-            uploads.append(upload)
-            weights.append(n)  # FedAvg weights: sample counts
-            losses.append(loss)
-        ok = server.aggregate(rnd, [c for c, _ in tasks], uploads, weights, failed)
+        ok = server.aggregate(rnd, [c for c, _ in tasks], replies, failed)  # checks each reply first
         t_train = time.time() - t0
-        rows = {c: site.evaluate(server.global_state, conflicts) for c, site in sites.items()}
+        rows, rejected = {}, {}
+        for name, site in sites.items():
+            try:
+                rows[name] = site.evaluate(server.global_state, conflicts)
+                why = fl_server.check_metrics(rows[name], views)
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+            if why:  # left out of the round's means, with its reason
+                rejected[name] = why
+                rows.pop(name, None)
         summary = fl_server.round_summary(
-            rnd, tasks, uploads, losses, failed, ok, t0, t_train, server.epsilon(rnd), server.report
+            rnd, tasks, failed, ok, t0, t_train, server.epsilon(rnd), server.report, rejected
         )
         fl_server.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
 
@@ -136,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             save_clients,
             checkpoints.rng_state(),
         )
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            fl_server.plot(out_dir, [r for r in map(json.loads, f) if "client" in r], views)
+        records = C.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))  # a torn last line: skipped
+        fl_server.plot(out_dir, [r for r in records if "client" in r], views)
     print(f"done in {time.time() - t_start:.0f}s; checkpoints in {out_dir}")
 
 

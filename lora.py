@@ -176,9 +176,9 @@ class LoRALinear(nn.Module):
         if name in self.config:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         device = self.base.weight.device
-        A = torch.empty(r, self.in_features, device=device)  # adapters live in fp32: AdamW needs the precision
+        A = torch.empty(r, self.in_features)  # fp32: AdamW needs it; drawn on the CPU: the same A on any device
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        self.lora_A[name] = nn.Parameter(A)
+        self.lora_A[name] = nn.Parameter(A.to(device))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.config[name] = dict(

@@ -81,6 +81,17 @@ def prepare(
     return Run(model, tok, base_path, device, dtype, examples, collate, batch_size)
 
 
+def fresh_adapter(cfg: C.Config, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the fresh adapter `name` on the CPU, its adapter_config.json) exactly as prepare() gives every
+    client the first of its adapters (same seed, base, injection), from the config alone: the Flower
+    coordinator's starting point, which it checks each site's against. Loads the base and lets it go."""
+    seed_everything(cfg["train"]["seed"])
+    model, _, base_path, _, _ = C.load_base(cfg, gradient_checkpointing=False)
+    add_adapters(model, cfg["lora"], [name])
+    state = {k: v.cpu() for k, v in lora.adapter_state_dict(model, name).items()}
+    return state, lora.adapter_config(model, name, base_path)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)

@@ -1,16 +1,20 @@
 """The coordinator of a federation: it samples the clients, combines what they upload, and keeps the
 global adapter and the record of every round. It never sees a data file or a local adapter.
 
-    server = Server(cfg, client_names, fresh_global_adapter)
+    server = Server(cfg, client_names, fresh_global_adapter, declared_examples)
     for rnd in range(1, rounds + 1):
         tasks = server.tasks(rnd)                              # [(client, {round, lr, seeds})]
-        ...each client: upload, n, loss = client.fit(server.global_state, task)...
-        server.aggregate(rnd, sampled, uploads, weights, failed)
+        ...each client: replies[client] = client.fit(server.global_state, task)  # (upload, n, loss)...
+        server.aggregate(rnd, sampled, replies, failed)        # checks every reply, then combines
         save_round(out_dir, rnd, server, adapter_config, cfg)
 
 The serial simulation (federated.py) and the Flower ServerApp (flower_app.py) drive this same Server; the
 combining itself (FedAvg, the server optimizers, DP's noise, the stack) is fedavg.py's. Also here: each
 round's record and printout, the round checkpoints round_NNN/, and the checks of the federated settings.
+
+The server trusts no reply: a site's upload, sample count and metrics are checked (Server.check,
+check_upload, check_metrics) before anything is averaged, and one that fails is left out of the round,
+its reason recorded, exactly as if that site had not answered.
 """
 
 import math
@@ -29,6 +33,8 @@ import lora
 import trainer
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "metrics.png", "round_*")  # what a federated run writes in output_dir
+Reply = tuple[Any, Any, Any]  # a site's training reply as it came: (upload, sample count, train loss), unchecked
+METRICS = ("eval_loss", "exact_match", "n")  # what an evaluation reply holds for each view
 
 
 def lora_scale(lc: dict[str, Any]) -> float:
@@ -45,14 +51,23 @@ class Server:
     """The coordinator: samples the clients of a round and tells each what to do (lr, seeds), combines
     what they upload (fedavg.weighted_average then the server optimizer, or fedavg.stack_lora), and holds
     the shared part of the global adapter (`global_state`: what every client receives) and the round
-    history. `initial` is the fresh global adapter, the same at every client."""
+    history. `initial` is the fresh global adapter, the same at every client; `declared`, each client's
+    number of training examples as it declared when it joined (no reply may claim more)."""
 
-    def __init__(self, cfg: C.Config, clients: list[str], initial: dict[str, torch.Tensor]) -> None:
-        self.cfg, self.clients = cfg, clients
+    def __init__(
+        self,
+        cfg: C.Config,
+        clients: list[str],
+        initial: dict[str, torch.Tensor],
+        declared: dict[str, int] | None = None,
+    ) -> None:
+        self.cfg, self.clients, self.declared = cfg, clients, declared or {}
         fc = cfg["federated"]
         self.agg = fedavg.AGGREGATIONS[fc["aggregation"]]
         shared, rest = self.agg.split(initial)
         self.global_state = {} if self.agg.stacks else shared  # stack: nothing stacked yet
+        self.expected = initial if self.agg.stacks else shared  # what every upload looks like
+        self.fresh = initial  # stack: where each client's adapter starts every round
         self.fixed = rest if self.agg.freeze_a else {}  # ffa's frozen A, written with each round
         self.optimizer = fedavg.ServerOptimizer(fc["server_optimizer"], lr=fc["server_lr"])
         self.history: list[dict[str, Any]] = []
@@ -96,23 +111,59 @@ class Server:
             for i, c in enumerate(sampled)
         ]
 
+    def check(self, client: str, upload: Any, n: Any, loss: Any) -> tuple[str | None, float | None]:
+        """(why this training reply must be left out, or None; the norm of its update, where it has one).
+        Refused: an upload that check_upload refuses; a sample count that is not a positive integer or is
+        more than the client declared when it joined; a loss that is not a number; an update (upload minus
+        the global state the client received) longer than federated.max_update_norm, or with DP than
+        federated.dp_clip (the client clips it; one that did not would escape the noise)."""
+        if why := check_upload(upload, self.expected):
+            return why, None
+        if type(n) is not int or n < 1:
+            return f"sample count {n!r} is not a positive integer", None
+        if n > self.declared.get(client, n):
+            return f"claims {n} training examples, but declared {self.declared[client]} when it joined", None
+        if type(loss) not in (int, float):
+            return f"train loss {loss!r} is not a number", None
+        norm = fedavg.update_norm(upload, self.fresh if self.agg.stacks else self.global_state)
+        fc = self.cfg["federated"]
+        if self.dp and norm > fc["dp_clip"] * (1 + 1e-5):  # float slack: a clipped update may land a hair over
+            return f"update norm {norm:.4g} > federated.dp_clip={fc['dp_clip']:g}: not clipped", norm
+        if fc["max_update_norm"] and norm > fc["max_update_norm"]:
+            return f"update norm {norm:.4g} > federated.max_update_norm={fc['max_update_norm']:g}", norm
+        return None, norm
+
     def aggregate(
         self,
         rnd: int,
         sampled: list[str],
-        uploads: list[dict[str, torch.Tensor]],
-        weights: list[int],
+        replies: dict[str, Reply],
         failed: list[str],
+        malformed: dict[str, str] | None = None,
     ) -> bool:
-        """The new global adapter from the uploads, weighted by sample counts (FedAvg), through the server
-        optimizer; with DP (federated.dp_clip > 0) their equal-weight mean plus noise (fedavg.dp_mean)
+        """Check every reply (check; `malformed`: replies the driver could not even read, client: reason),
+        then the new global adapter from those accepted: their uploads'
+        average, weighted by sample counts (federated.weighting examples) or equally (uniform), through the
+        server optimizer; with DP (federated.dp_clip > 0) their equal-weight mean plus noise (fedavg.dp_mean)
         instead; with aggregation stack, the stack with the uploads appended (fedavg.stack_lora). With
-        fewer than federated.min_clients uploads it stays as it was. Returns whether it changed hands (the
-        round's status). Sets `report`: bytes per upload and per download, and where the uploads hold
-        both factors, how far FedAvg of them is from the exact mean of their products (fedavg_error)."""
+        fewer than federated.min_clients accepted it stays as it was. Returns whether it changed hands (the
+        round's status). Sets `report`: what was accepted, rejected (client: reason) and each update's
+        norm, bytes per upload and per download, and where the uploads hold both factors, how far FedAvg
+        of them is from the exact mean of their products (fedavg_error)."""
         fc = self.cfg["federated"]
+        checked = {c: self.check(c, *reply) for c, reply in replies.items()}
+        rejected = {**(malformed or {}), **{c: why for c, (why, _) in checked.items() if why}}
+        accepted = [reply for c, reply in replies.items() if c not in rejected]
+        uploads = [upload for upload, _, _ in accepted]
+        weights = [n if fc["weighting"] == "examples" else 1 for _, n, _ in accepted]
+        losses = [loss for _, _, loss in accepted if math.isfinite(loss)]
         ok = len(uploads) >= fc["min_clients"]
         self.report = {
+            "succeeded": len(uploads),
+            "rejected": rejected,
+            "update_norms": {c: float(f"{norm:.6g}") for c, (_, norm) in checked.items() if norm is not None},
+            "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
+            "train_loss": sum(losses) / len(losses) if losses else None,
             "bytes_per_upload": fedavg.state_bytes(uploads[0]) if uploads else None,
             "bytes_per_download": fedavg.state_bytes(self.global_state),
         }
@@ -129,7 +180,7 @@ class Server:
             self.global_state = self.optimizer.step(self.global_state, average)
         elif ok:
             self.global_state = self.optimizer.step(self.global_state, fedavg.weighted_average(uploads, weights))
-        self.history.append({"round": rnd, "sampled": sampled, "failed": failed})
+        self.history.append({"round": rnd, "sampled": sampled, "failed": failed, "rejected": rejected})
         return ok
 
     def epsilon(self, rounds: int) -> float | None:
@@ -148,33 +199,72 @@ class Server:
         return f"stopped before round {rnd}: epsilon would reach {eps:.3g} > federated.dp_max_epsilon={limit:g}"
 
 
+def check_upload(upload: Any, expected: dict[str, torch.Tensor]) -> str | None:
+    """Why `upload` cannot be averaged into the global adapter whose tensors `expected` holds, or None:
+    not a dict of named tensors, a missing or unexpected key, another dtype or shape, a NaN or Inf."""
+    if not isinstance(upload, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in upload.items()
+    ):
+        return "upload is not a dict of named tensors"
+    if missing := sorted(expected.keys() - upload.keys()):
+        return f"upload lacks {len(missing)} of the {len(expected)} tensors, e.g. {missing[0]}"
+    if extra := sorted(upload.keys() - expected.keys()):
+        return f"upload has {len(extra)} tensors this aggregation does not share, e.g. {extra[0]}"
+    for key, want in expected.items():
+        t = upload[key]
+        if t.dtype != want.dtype:
+            return f"{key} is {str(t.dtype).removeprefix('torch.')}, not {str(want.dtype).removeprefix('torch.')}"
+        if t.shape != want.shape:
+            return f"{key} has shape {tuple(t.shape)}, not {tuple(want.shape)}"
+        if not torch.isfinite(t).all():
+            return f"{key} has NaN or Inf values"
+    return None
+
+
+def check_metrics(rows: Any, views: list[str]) -> str | None:
+    """Why an evaluation reply ({view: {eval_loss, exact_match, n, ...}}) cannot be recorded, or None: a
+    view or metric missing, a metric that is not a finite number, an exact match outside [0, 1]."""
+    for view in views:
+        m = rows.get(view) if isinstance(rows, dict) else None
+        if not isinstance(m, dict):
+            return f"no metrics for view {view}"
+        for key in METRICS:
+            v = m.get(key)
+            if type(v) not in (int, float) or not math.isfinite(v):
+                return f"{view} {key} is {v!r}, not a finite number"
+        if not 0 <= m["exact_match"] <= 1 or m["n"] < 0:
+            return f"{view} metrics out of range (exact_match {m['exact_match']!r}, n {m['n']!r})"
+    return None
+
+
 def round_summary(
     rnd: int,
     tasks: list[tuple[str, dict[str, Any]]],
-    uploads: list[dict[str, torch.Tensor]],
-    losses: list[float],
     failed: list[str],
     ok: bool,
     t0: float,
     t_train: float,
-    epsilon: float | None = None,
-    aggregation: dict[str, Any] | None = None,
+    epsilon: float | None,
+    aggregation: dict[str, Any],
+    rejected_eval: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The round's record for metrics.jsonl (report_round adds each view's means); `epsilon`, with DP noise:
-    the privacy spent so far; `aggregation`: the server's report of the round (Server.aggregate)."""
+    the privacy spent so far; `aggregation`: the server's report of the round (Server.aggregate), whose
+    rejected replies are joined by the evaluation replies left out (`rejected_eval`, client: reason)."""
     dp = {} if epsilon is None else {"epsilon": epsilon}
+    rejected = dict(aggregation["rejected"])
+    for c, why in (rejected_eval or {}).items():
+        rejected[c] = f"{rejected[c]}; evaluation: {why}" if c in rejected else f"evaluation: {why}"
     return {
         "round": rnd,
         "clients": [c for c, _ in tasks],
-        "succeeded": len(uploads),
         "failed": failed,
         "status": "ok" if ok else "failed" if tasks else "empty",
-        "uploaded_bytes": sum(fedavg.state_bytes(u) for u in uploads),
-        "train_loss": sum(losses) / len(losses) if losses else None,
         "lr": tasks[0][1]["lr"] if tasks else None,
         "seconds": round(time.time() - t0, 2),
         "seconds_train": round(t_train, 2),
-        **(aggregation or {}),
+        **aggregation,
+        "rejected": rejected,
         **dp,
     }
 
@@ -212,10 +302,11 @@ def report_round(
     dp = f", epsilon {summary['epsilon']:.3g}" if "epsilon" in summary else ""
     if "fedavg_error_mean" in summary:
         dp += f", FedAvg error {summary['fedavg_error_mean']:.3g} (max {summary['fedavg_error_max']:.3g})"
+    left_out = "".join(f"; left out {c}: {why}" for c, why in summary["rejected"].items())
     print(
         f"round {rnd}/{rounds}: {n_ok}/{n} clients, uploaded "
         f"{summary['uploaded_bytes'] / 2**20:.2f} MiB, train loss {summary['train_loss'] or math.nan:.3f}{dp}, "
-        f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}"
+        f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}{left_out}"
     )
     print_table(rnd, rows, views)
     if "conflict_exact_match_global+local" in summary and summary["conflict_exact_match_global+local"] is not None:
@@ -287,20 +378,21 @@ def save_round(
 
 
 def completed_rounds(out_dir: str) -> list[str]:
-    """Names of the complete round_* directories in out_dir, oldest first."""
+    """Names of the complete round_<number> directories in out_dir, in round order (round_999 before
+    round_1000)."""
     return checkpoints.completed(out_dir, "round_")
 
 
 def latest_round(out_dir: str) -> str | None:
-    """The newest complete round_* directory in out_dir, or None."""
+    """The complete round_<number> directory in out_dir with the largest number, or None."""
     done = completed_rounds(out_dir)
     return os.path.join(out_dir, done[-1]) if done else None
 
 
-def load_round(path: str, server: Server, weights_only: bool = True) -> dict[str, Any]:
-    """Give the server back what save_round wrote in `path`; returns server.pt (its round, rng, ...).
-    weights_only=False is needed for the simulation's server.pt, whose RNG states are Python objects."""
-    state = torch.load(os.path.join(path, "server.pt"), weights_only=weights_only)
+def load_round(path: str, server: Server) -> dict[str, Any]:
+    """Give the server back what save_round wrote in `path`; returns server.pt (its round, rng, ...), read
+    with weights_only=True (checkpoints.load_state: a damaged file is a one-line CheckpointError)."""
+    state = checkpoints.load_state(os.path.join(path, "server.pt"))
     server.restore(lora.read_adapter(os.path.join(path, "global"))[1])
     server.optimizer.load_state_dict(state["server_optimizer"])
     server.history = state["history"]

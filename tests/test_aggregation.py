@@ -126,7 +126,8 @@ def test_ffa_aggregate_is_the_exact_weighted_mean_of_the_products(use_dp):
     uploads = [fedavg.AGGREGATIONS["ffa"].split(s)[0] for s in trained]
     assert all(u.keys() == server.global_state.keys() for u in uploads)  # B only: half of these factors
     # with DP: no noise (dp_noise 0) and a clip far above the updates: the fixed-denominator mean of all three
-    assert server.aggregate(1, ["a", "b", "c"], uploads, [4, 1, 2], [])
+    replies = {c: (u, n, 0.0) for c, u, n in zip("abc", uploads, [4, 1, 2], strict=True)}
+    assert server.aggregate(1, ["a", "b", "c"], replies, [])
     full = server.adapter({})[0]
     for layer in LAYERS:
         assert torch.equal(full[f"{P}{layer}.lora_A.weight"], initial[f"{P}{layer}.lora_A.weight"])
@@ -145,9 +146,9 @@ def test_fedsa_never_uploads_b_and_reports_fedavg_error_where_it_can(cache_dir, 
     seen = []
     real = fl_server.Server.aggregate
 
-    def spy(self, rnd, sampled, uploads, weights, failed):
-        seen.append((self.agg, [dict(u) for u in uploads], list(weights)))
-        return real(self, rnd, sampled, uploads, weights, failed)
+    def spy(self, rnd, sampled, replies, failed, malformed=None):
+        seen.append((self.agg, [dict(u) for u, _, _ in replies.values()], [n for _, n, _ in replies.values()]))
+        return real(self, rnd, sampled, replies, failed, malformed)
 
     monkeypatch.setattr(fl_server.Server, "aggregate", spy)
     for aggregation in ("fedsa", "fedavg"):

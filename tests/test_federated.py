@@ -140,7 +140,7 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
         lora.load_adapter_state_dict(model, x1, "global")
         lora.load_adapter_state_dict(model, adapter_tensors(r1 / "clients" / c / "local"), "local")
         opt = r1 / "clients" / c / "local_optimizer.pt"
-        local_opt = torch.load(opt, weights_only=False) if opt.exists() else None
+        local_opt = torch.load(opt, weights_only=True) if opt.exists() else None
         torch.manual_seed(seed * 1_000_003 + 2 * 1009 + i)  # the task's seeds (Server.tasks)
         fl_client.client_update(run, cfg, examples, lr, seed * 1009 + 2 * 31 + i, local_opt)
         uploads.append({k: v.double() for k, v in lora.adapter_state_dict(model, "global").items()})
@@ -149,7 +149,7 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
         assert all(torch.equal(local[k], v) for k, v in lora.adapter_state_dict(model, "local").items()), c
     assert len(set(counts)) == 2  # uneven: a uniform average would differ
     avg = {k: sum(n * u[k] for n, u in zip(counts, uploads, strict=True)) / sum(counts) for k in x1}
-    saved = torch.load(r1 / "server.pt", weights_only=False)["server_optimizer"]
+    saved = torch.load(r1 / "server.pt", weights_only=True)["server_optimizer"]
     expected = server_step(server, 0.5, {k: v.double() for k, v in x1.items()}, avg, saved)
     x2 = adapter_tensors(r2 / "global")
     assert x2.keys() == expected.keys()
@@ -160,7 +160,7 @@ def test_a_round_equals_an_independent_replay(mode, server, cache_dir, tmp_path,
     opts = [r / "clients" / left_out / "local_optimizer.pt" for r in (r1, r2)]
     assert opts[0].exists() == opts[1].exists() == (mode == "alternating" and left_out in summaries[1]["clients"])
     if opts[0].exists():
-        a, b = (torch.load(p, weights_only=False)["state"] for p in opts)
+        a, b = (torch.load(p, weights_only=True)["state"] for p in opts)
         assert all(torch.equal(a[i][m], b[i][m]) for i in a for m in ("exp_avg", "exp_avg_sq")), left_out
 
 
@@ -186,7 +186,7 @@ def test_resume_equals_an_uninterrupted_run(server, cache_dir, tmp_path, capsys,
     run = lambda out: small_run(cache_dir, out, *RESUMED[server])  # noqa: E731
     assert run_main(federated.main, run(full), capsys)[0] == 0
     if "fedad" in server or "fedavgm" in server:
-        buffers = torch.load(full / "round_001/server.pt", weights_only=False)["server_optimizer"]["m"]
+        buffers = torch.load(full / "round_001/server.pt", weights_only=True)["server_optimizer"]["m"]
         assert buffers and all(v.any() for v in buffers.values())  # round 2 depends on them
     real = fl_client.client_update
     calls = []
@@ -416,6 +416,22 @@ def test_resume_with_nothing_to_resume_gives_one_clear_line(cache_dir, tmp_path,
     code, _, err = run_main(federated.main, [*small_run(cache_dir, out), "--resume"], capsys)
     assert code == 2 and err.strip() == f"error: --resume: {out} holds no complete checkpoint to resume from", err
     assert not out.exists()
+
+
+def test_resume_refuses_a_changed_lr_in_one_line_and_allows_more_rounds(cache_dir, tmp_path, capsys):
+    """A resumed federation must run the math it started with: a new train.lr (or aggregation, DP setting,
+    client set...) is refused in one line naming the key, before anything is written; more rounds are not."""
+    out = tmp_path / "fed"
+    fast = ["model.quantization=none", "model.compute_dtype=float32", "federated.mode=global_only", "lora.r=4"]
+    assert run_main(federated.main, [*small_run(cache_dir, out, *fast), "federated.rounds=1"], capsys)[0] == 0
+    before = (out / "metrics.jsonl").read_text()
+    code, _, err = run_main(federated.main, [*small_run(cache_dir, out, *fast, "train.lr=5e-4"), "--resume"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "train.lr 0.001 -> 0.0005" in lines[0], err
+    assert (out / "metrics.jsonl").read_text() == before and fl_server.completed_rounds(out) == ["round_001"]
+    code, stdout, err = run_main(federated.main, [*small_run(cache_dir, out, *fast), "--resume"], capsys)
+    assert code == 0 and "resumed after round_001" in stdout, err
+    assert fl_server.completed_rounds(out) == ["round_001", "round_002"]
 
 
 def test_under_torchrun_it_refuses_in_one_line(cache_dir, tmp_path, capsys, monkeypatch):

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import client as fl_client
 import fedavg
 import federated
 import lora
@@ -125,11 +126,11 @@ class Deployment:
         self.port = free_port()
         self.superlink_delay = superlink_delay  # pytest --superlink-delay: a slow machine's start, simulated
 
-    def start(self, name, argv):
+    def start(self, name, argv, env=None):
         home = self.tmp / f"home_{name}"
         home.mkdir(exist_ok=True)
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        env = {**self.env, "FLWR_HOME": str(home)}
+        env = {**self.env, **(env or {}), "FLWR_HOME": str(home)}
         self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def logs(self):
@@ -169,12 +170,13 @@ class Deployment:
         except OSError:  # refused (not listening yet), reset, timed out; ssl.SSLError is an OSError
             return False
 
-    def supernode(self, site, state_dir):
+    def supernode(self, site, state_dir, process=None, env=None):
+        """A SuperNode for `site` (its process named supernode_<process or site>), its extra `env`."""
         data = os.path.join(ROOT, "data/clients", f"{site}.json")
-        self.start(f"supernode_{site}", [os.path.join(BIN, "flower-supernode"), "--superlink",
-                                         f"127.0.0.1:{self.port}", "--root-certificates", self.certs["ca.crt"],
-                                         "--host", "127.0.0.1", "--port", str(free_port()), "--node-config",
-                                         f"client='{site}' data-file='{data}' state-dir='{state_dir}'"])  # fmt: skip
+        argv = [os.path.join(BIN, "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", self.certs["ca.crt"], "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", f"client='{site}' data-file='{data}' state-dir='{state_dir}'"]  # fmt: skip
+        self.start(f"supernode_{process or site}", argv, env)
 
     def supernodes(self, sites, state):
         """Start one SuperNode per site (state-dir state/<site>); return once the SuperLink lists that many
@@ -292,6 +294,45 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
     assert rounds[2]["failed"] == [] and rounds[2]["succeeded"] == 2
     assert not (state / "es/round_001").exists() and (state / "es/round_002/local").is_dir()
     assert "site es reconnected" in output
+
+
+def test_a_poisoning_site_and_a_second_node_with_a_sites_name_are_left_out(
+    deployment, cache_dir, tmp_path, capsys, monkeypatch
+):
+    """Three sites over TLS; es uploads NaN every round (tests/bad_site/sitecustomize.py, on its PYTHONPATH
+    alone), and a fourth SuperNode claims to be fr (a copy of it: whichever of the two answers first is
+    fr). Both rounds complete; es is left out of each, its reason on the round's line and in metrics.jsonl;
+    the second fr is refused, naming both nodes; and every round's global adapter equals, bit for bit,
+    the simulation's in which es never answered."""
+    sim, dep, state = tmp_path / "sim", tmp_path / "dep", tmp_path / "state"
+    real_fit = fl_client.Client.fit
+
+    def absent(self, global_state, task):
+        if self.name == "es":
+            raise ConnectionError("no answer (simulated)")
+        return real_fit(self, global_state, task)
+
+    monkeypatch.setattr(fl_client.Client, "fit", absent)
+    assert run_main(federated.main, [CONFIG, *job(cache_dir, sim, ["fr", "de", "es"])], capsys)[0] == 0
+    monkeypatch.undo()
+    deployment.superlink()
+    deployment.supernode("es", state / "es", env={"PYTHONPATH": os.path.join(ROOT, "tests", "bad_site")})
+    deployment.supernode("fr", state / "fr_copy", process="fr_copy")
+    deployment.supernodes(["fr", "de"], state)
+    deployment.wait_for("4 SuperNodes online", lambda: deployment.nodes_online() >= 4)
+    deployment.start_run(job(cache_dir, dep, ["fr", "de", "es"]))
+    code, output = deployment.wait_run()
+    assert code == 0, output
+    refused = [line for line in output.splitlines() if "refused as site fr: site fr is held by node" in line]
+    assert refused and all("which is still connected" in line for line in refused), output
+    for rnd in (1, 2):
+        line = next(line for line in output.splitlines() if line.startswith(f"round {rnd}/2:"))
+        assert "2/3 clients" in line and "left out es: " in line and "has NaN or Inf values" in line, line
+    records = [r for r in map(json.loads, (dep / "metrics.jsonl").read_text().splitlines()) if "status" in r]
+    assert [list(r["rejected"]) for r in records] == [["es"], ["es"]]
+    for rnd in ("round_001", "round_002"):
+        a, b = tensors(sim / rnd / "global"), tensors(dep / rnd / "global")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rnd
 
 
 EXTRA = {
