@@ -219,12 +219,13 @@ class Sites:
 def pem_key(path: str) -> bytes:
     """A SuperNode's public key file (OpenSSH, as `flwr supernode register` takes it) as the PEM bytes
     the SuperLink reports for the node (grid.get_nodes()); ConfigError naming the file if unreadable."""
-    from cryptography.hazmat.primitives import serialization  # flwr's own dependency
+    from cryptography.exceptions import UnsupportedAlgorithm  # flwr's own dependency
+    from cryptography.hazmat.primitives import serialization
 
     try:
         with open(path, "rb") as f:
             key = serialization.load_ssh_public_key(f.read())
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise C.ConfigError(f"federated.sites: {path}: not a readable OpenSSH public key ({e})") from None
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -267,7 +268,7 @@ def run(grid: Grid, context: Context) -> None:
         start = fl_server.load_round(last, server)["round"] + 1  # tensors, numbers, names only: weights_only
         print(f"resumed after {os.path.basename(last)}")
     logger = C.Logger(out_dir)
-    print(f"{len(nodes)} sites ({', '.join(nodes)}), mode {fc['mode']}, aggregation {fc['aggregation']}, "
+    print(f"{len(nodes)} sites ({', '.join(sites.names)}), mode {fc['mode']}, aggregation {fc['aggregation']}, "
           f"{fc['rounds']} rounds")  # fmt: skip
     views = ["global"] if fc["mode"] == "global_only" else list(fl_client.VIEWS)
     for rnd in range(start, fc["rounds"] + 1):

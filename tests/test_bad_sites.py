@@ -11,6 +11,7 @@ Flower's Grid that delivers the ClientApp's real replies.
 import itertools
 import json
 import os
+import shlex
 
 import pytest
 import torch
@@ -239,16 +240,16 @@ class StandInGrid:
     """Flower's Grid, in process: each node is a site (a Context with its node config) whose messages go
     straight to flower_app's ClientApp functions; `bad` alters one node's replies, `silent` drops them."""
 
-    def __init__(self, contexts, bad=None, kind=None):
-        self.contexts, self.bad, self.kind = contexts, bad, kind
+    def __init__(self, contexts, bad=None, kind=None, keys=None):
+        self.contexts, self.bad, self.kind, self.keys = contexts, bad, kind, keys or {}
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def get_nodes(self):
+    def get_nodes(self):  # as the SuperLink lists them: each node's key (PEM) as registered
         from flwr.proto.node_pb2 import NodeInfo
 
-        return [NodeInfo(node_id=i, public_key=f"key of node {i}".encode()) for i in self.contexts]
+        return [NodeInfo(node_id=i, public_key=self.keys.get(i, b"")) for i in self.contexts]
 
     def send_and_receive(self, messages, timeout=None):
         from flwr.app import ArrayRecord, Message, RecordDict
@@ -280,9 +281,10 @@ class StandInGrid:
         return replies
 
 
-def deploy(cache_dir, out_dir, client_files, capsys, monkeypatch, kind=None):
+def deploy(cache_dir, out_dir, client_files, capsys, monkeypatch, kind=None, extra=()):
     """flower_app.run over a StandInGrid of the three sites (nodes 1, 2, 3 = fr, de, es), es behaving as
-    `kind` says; "second_fr": a fourth node (4) claims to be fr. Returns what it printed."""
+    `kind` says; "second_fr": a fourth node (4) claims to be fr; "roster": so does node 0, listed first,
+    and federated.sites names the keys of nodes 1, 2, 3. Returns what it printed."""
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -291,11 +293,29 @@ def deploy(cache_dir, out_dir, client_files, capsys, monkeypatch, kind=None):
     run_id = next(RUN_IDS)
     for attr, value in (("_run_id", run_id), ("_node_id", 0), ("_task_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
-    run_config = {"config": CONFIG, "overrides": " ".join(overrides(cache_dir, out_dir, client_files))}
+    keys, extra = {}, list(extra)
+    if kind == "roster":  # an OpenSSH key pair per node; the roster holds the public halves of 1, 2, 3
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        roster = {}
+        for node in range(5):
+            public = ec.generate_private_key(ec.SECP384R1()).public_key()
+            pem = serialization.PublicFormat.SubjectPublicKeyInfo
+            keys[node] = public.public_bytes(serialization.Encoding.PEM, pem)
+            (out_dir / f"node{node}.pub").parent.mkdir(parents=True, exist_ok=True)
+            openssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            (out_dir / f"node{node}.pub").write_bytes(openssh)
+            if 1 <= node <= 3:
+                roster[SITES[node - 1]] = str(out_dir / f"node{node}.pub")
+        extra.append(shlex.quote("federated.sites={" + ", ".join(f"{k}: {v}" for k, v in roster.items()) + "}"))
+    run_config = {"config": CONFIG, "overrides": " ".join([*overrides(cache_dir, out_dir, client_files), *extra])}
     sites = [*SITES, "fr"] if kind == "second_fr" else SITES
     node_config = lambda i, s: {"client": s, "data-file": client_files[s], "state-dir": str(out_dir / f"s{i}")}  # noqa: E731
     contexts = {i + 1: Context(run_id, i + 1, node_config(i, s), RecordDict(), run_config) for i, s in enumerate(sites)}
-    grid = StandInGrid(contexts, bad=SITES.index(BAD) + 1, kind=kind)
+    if kind == "roster":  # node 0 first: without the roster, it would be fr
+        contexts = {0: Context(run_id, 0, node_config(0, "fr"), RecordDict(), run_config), **contexts}
+    grid = StandInGrid(contexts, bad=SITES.index(BAD) + 1, kind=kind, keys=keys)
     flower_app.run(grid, Context(run_id, 0, {}, RecordDict(), run_config))
     monkeypatch.undo()
     return capsys.readouterr()[0]
@@ -345,3 +365,22 @@ def test_serverapp_refuses_a_second_node_claiming_a_site(
     assert "node 4 refused as site fr: site fr is held by node 1, which is still connected" in stdout
     assert "3 sites (fr, de, es)" in stdout
     assert_bit_equal(global_adapters(tmp_path / "run"), deployed_references["honest"])
+
+
+def test_with_a_roster_a_node_is_the_site_its_key_says(
+    deployed_references, cache_dir, client_files, tmp_path, capsys, monkeypatch
+):
+    """federated.sites binds each name to a registered key: node 0, whose key is in no roster line, claims
+    fr before fr's own node answers, and is refused; the run is the honest one."""
+    stdout = deploy(cache_dir, tmp_path / "run", client_files, capsys, monkeypatch, "roster")
+    assert "node 0 refused as site fr: its key is not in federated.sites" in stdout
+    assert "3 sites (fr, de, es)" in stdout
+    assert_bit_equal(global_adapters(tmp_path / "run"), deployed_references["honest"])
+
+
+def test_a_bad_roster_key_file_is_one_line(tmp_path):
+    import flower_app
+
+    (tmp_path / "bad.pub").write_text("not a key")
+    with pytest.raises(C.ConfigError, match=r"federated.sites: .*bad.pub: not a readable OpenSSH public key"):
+        flower_app.pem_key(str(tmp_path / "bad.pub"))
