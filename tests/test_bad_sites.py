@@ -207,28 +207,6 @@ class _NoCapture:
         return "", ""
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_simulation_leaves_a_bad_site_out(
-    kind, simulated_references, cache_dir, client_files, tmp_path, capsys, monkeypatch
-):
-    stdout = simulate(cache_dir, tmp_path / "run", client_files, capsys, monkeypatch, kind)
-    for rnd, record in round_records(tmp_path / "run").items():
-        assert REASONS[kind] in record["rejected"][BAD] and record["succeeded"] == 2
-        assert f"round {rnd}/2: 2/3 clients" in stdout and f"left out {BAD}: " in stdout
-    assert_bit_equal(global_adapters(tmp_path / "run"), simulated_references["absent"])
-
-
-def test_simulation_leaves_out_an_evaluation_reply_without_metrics(
-    simulated_references, cache_dir, client_files, tmp_path, capsys, monkeypatch
-):
-    simulate(cache_dir, tmp_path / "run", client_files, capsys, monkeypatch, "no_eval_metrics")
-    for record in round_records(tmp_path / "run").values():
-        assert record["rejected"] == {BAD: "evaluation: global exact_match is None, not a finite number"}
-    rows = [r for r in C.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "client" in r]
-    assert {r["client"] for r in rows} == {"fr", "de"}
-    assert_bit_equal(global_adapters(tmp_path / "run"), simulated_references["honest"])
-
-
 # ----------------------------------------------------------------------------------------------------
 # The ServerApp's own code (flower_app.run) with a stand-in Grid that delivers the ClientApp's replies
 
@@ -338,24 +316,32 @@ def test_the_deployment_starts_where_the_simulation_does(simulated_references, d
         assert_bit_equal(deployed_references[kind], simulated_references[kind])
 
 
+DRIVERS = {"simulation": (simulate, "simulated_references"), "serverapp": (deploy, "deployed_references")}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_serverapp_leaves_a_bad_site_out(
-    kind, deployed_references, cache_dir, client_files, tmp_path, capsys, monkeypatch
-):
-    stdout = deploy(cache_dir, tmp_path / "run", client_files, capsys, monkeypatch, kind)
+def test_a_bad_site_is_left_out(driver, kind, cache_dir, client_files, tmp_path, capsys, monkeypatch, request):
+    """Through the simulation and through the ServerApp alike (one check serves both)."""
+    run, references = DRIVERS[driver][0], request.getfixturevalue(DRIVERS[driver][1])
+    stdout = run(cache_dir, tmp_path / "run", client_files, capsys, monkeypatch, kind)
     for rnd, record in round_records(tmp_path / "run").items():
         assert REASONS[kind] in record["rejected"][BAD] and record["succeeded"] == 2
         assert f"round {rnd}/2: 2/3 clients" in stdout and f"left out {BAD}: " in stdout
-    assert_bit_equal(global_adapters(tmp_path / "run"), deployed_references["absent"])
+    assert_bit_equal(global_adapters(tmp_path / "run"), references["absent"])
 
 
-def test_serverapp_leaves_out_an_evaluation_reply_without_metrics(
-    deployed_references, cache_dir, client_files, tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_an_evaluation_reply_without_metrics_is_left_out(
+    driver, cache_dir, client_files, tmp_path, capsys, monkeypatch, request
 ):
-    deploy(cache_dir, tmp_path / "run", client_files, capsys, monkeypatch, "no_eval_metrics")
+    run, references = DRIVERS[driver][0], request.getfixturevalue(DRIVERS[driver][1])
+    run(cache_dir, tmp_path / "run", client_files, capsys, monkeypatch, "no_eval_metrics")
     for record in round_records(tmp_path / "run").values():
         assert record["rejected"] == {BAD: "evaluation: global exact_match is None, not a finite number"}
-    assert_bit_equal(global_adapters(tmp_path / "run"), deployed_references["honest"])
+    rows = [r for r in C.read_jsonl(tmp_path / "run" / "metrics.jsonl") if "client" in r]
+    assert {r["client"] for r in rows} == {"fr", "de"}
+    assert_bit_equal(global_adapters(tmp_path / "run"), references["honest"])
 
 
 def test_serverapp_refuses_a_second_node_claiming_a_site(
