@@ -1,9 +1,15 @@
 """Federated fine-tuning across machines, on Flower's deployment engine: client.py's Client and server.py's
 Server, driven by Flower's Message API instead of federated.py's loop in one process.
 
-    coordinator   flower-superlink ...                    (see the README: "Run across machines")
+    coordinator   flower-superlink ...                    (see the README: "Across machines: Flower")
                   flwr run . <federation> --stream --run-config 'config="config.yaml" overrides="..."'
-    each site     flower-supernode ... --node-config "client='fr' data-file='/data/fr.json' state-dir='/state/fr'"
+    each site     python flower_app.py --client fr --data-file /data/fr.json --state-dir /state/fr \
+                      --superlink coordinator:9092 --root-certificates ca.crt      (+ any flower-supernode option)
+
+The site command keeps the site warm: one process (the worker) holds the base model, tokenizer and
+examples for the whole run and starts the site's SuperNode, whose ClientApps (Flower starts one process
+per message) hand each message to it. A plain `flower-supernode ... --node-config "client='fr'
+data-file='/data/fr.json' state-dir='/state/fr'"` works too, loading the base for every message.
 
 Per round the ServerApp sends each sampled site a "train" message (the global adapter's tensors and the
 task: round, lr, seeds) and every site an "evaluate" message (the new global adapter); a site answers with
@@ -15,9 +21,16 @@ YAML config, relative to this file's directory unless absolute), `overrides` (se
 on the command line), `resume` (continue after the last complete round in federated.output_dir).
 """
 
+import io
 import os
+import resource
 import shlex
+import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,26 +65,56 @@ def load_run_config(run_config: dict[str, Any]) -> C.Config:
 # ----------------------------------------------------------------------------------------------------
 # The site: one client.Client, its local state kept in state-dir/round_NNN/ (the round it ends)
 
-client_app = ClientApp()
-_sites: dict[tuple[int, str], tuple[fl_client.Client, str]] = {}  # (run, site name) -> its Client, state-dir
 
+class Site:
+    """One site: its name, data file and state-dir, and its Client for the current run, set up by
+    prepare.prepare exactly as federated.py sets up each client (same seed, base, adapters in the same
+    order, the same checks, train.batch_size resolved), so a site starts from the very adapters the
+    simulation starts from. `answer` does what one message asks; the Client is built once per run."""
 
-def site(context: Context) -> tuple[fl_client.Client, str]:
-    """(this site's Client, its state-dir), set up by prepare.prepare exactly as federated.py sets up each
-    client: same seed, base, adapters in the same order, the same checks, so a site starts from the very
-    adapters the simulation starts from."""
-    nc = context.node_config
-    name, data_file, state_dir = str(nc["client"]), str(nc["data-file"]), str(nc["state-dir"])
-    if (context.run_id, name) not in _sites:  # set up once per run (and site: tests host several in one process)
-        cfg = load_run_config(context.run_config)
-        records = prepare.site_records(cfg, data_file)
-        C.quiet_libraries()
-        mode = cfg["federated"]["mode"]
-        run = prepare.prepare(cfg, {name: records}, ["global"] + ([] if mode == "global_only" else ["local"]))
-        cfg["train"]["batch_size"] = run.batch_size
-        os.makedirs(state_dir, exist_ok=True)
-        _sites[context.run_id, name] = fl_client.Client(name, run, cfg, records), state_dir
-    return _sites[context.run_id, name]
+    def __init__(self, name: str, data_file: str, state_dir: str) -> None:
+        self.name, self.data_file, self.state_dir = name, data_file, state_dir
+        self.run_id: int | None = None
+        self.client: fl_client.Client | None = None
+        self.loads, self.answered = 0, 0  # base models loaded by this process; messages of this run answered
+
+    def setup(self, run_id: int, cfg: C.Config) -> fl_client.Client:
+        """The Client for run `run_id` (the run's config `cfg`): the one already built, or a new one."""
+        if self.client is None or run_id != self.run_id:
+            self.client = None  # the previous run's model goes before the next one loads
+            t0 = time.time()
+            records = prepare.site_records(cfg, self.data_file)
+            C.quiet_libraries()
+            adapters = ["global"] + ([] if cfg["federated"]["mode"] == "global_only" else ["local"])
+            run = prepare.prepare(cfg, {self.name: records}, adapters)
+            cfg["train"]["batch_size"] = run.batch_size
+            os.makedirs(self.state_dir, exist_ok=True)
+            self.client, self.run_id = fl_client.Client(self.name, run, cfg, records), run_id
+            self.loads, self.answered = self.loads + 1, 0
+            print(f"site {self.name}: run {run_id}: base {run.base_path} loaded in {time.time() - t0:.1f}s", flush=True)
+        return self.client
+
+    def answer(
+        self, kind: str, run_id: int, cfg: C.Config, global_state: dict[str, torch.Tensor], task: dict[str, Any]
+    ) -> dict[str, Any]:
+        """What a message of `kind` asks, for run `run_id`: "query" -> the site's name, its number of
+        training examples (no training reply may claim more) and its fresh global adapter (which the
+        coordinator checks against its own); "train" -> one round's training from `global_state` as `task`
+        says (the trained global adapter, sample count, loss); "evaluate" -> each view's metrics on the
+        eval split, the local state as of the task's round."""
+        client = self.setup(run_id, cfg)
+        self.answered += 1
+        if kind == "query":
+            return {"client": self.name, "num-examples": len(client.examples[0]), "global": client.initial}
+        if kind == "train":
+            load_local(client, self.state_dir, task["round"] - 1)
+            upload, n, loss = client.fit(global_state, task)
+            save_local(client, self.state_dir, task["round"], global_state)
+            return {"global": upload, "num-examples": n, "train-loss": loss}
+        if kind == "evaluate":
+            load_local(client, self.state_dir, int(task["round"]))
+            return {"metrics": client.evaluate(global_state)}
+        raise ValueError(f"unknown message type {kind!r}")
 
 
 def load_local(client: fl_client.Client, state_dir: str, upto: int) -> None:
@@ -92,6 +135,34 @@ def save_local(client: fl_client.Client, state_dir: str, rnd: int, received: dic
     checkpoints.keep_latest(state_dir, "round_", 2)
 
 
+# The ClientApp. Flower starts a new process for every message, so on its own a site would load its
+# base model for each one. A site started with `python flower_app.py --client ...` (site_command,
+# below) keeps one warm process, the worker, holding the Site; its SuperNode's node config names the
+# worker's socket, and each ClientApp process only hands the message over and the answer back.
+
+client_app = ClientApp()
+_sites: dict[tuple[str, str], Site] = {}  # (name, state-dir) -> Site, without a worker (tests: several)
+
+
+def site(context: Context) -> Site:
+    """The Site a SuperNode's node config describes (client, data-file, state-dir), in this process."""
+    nc = context.node_config
+    key = (str(nc["client"]), str(nc["state-dir"]))
+    if key not in _sites:
+        _sites[key] = Site(key[0], str(nc["data-file"]), key[1])
+    return _sites[key]
+
+
+def answer(kind: str, msg: Message, context: Context) -> dict[str, Any]:
+    """The site's answer to `msg`: from its worker where the node config names one, else from this process."""
+    cfg = load_run_config(context.run_config)
+    global_state = received(msg) if "global" in msg.content else {}
+    task = dict(msg.content["task"]) if "task" in msg.content else {}
+    if "worker" in context.node_config:
+        return ask_worker(str(context.node_config["worker"]), (kind, context.run_id, cfg, global_state, task))
+    return site(context).answer(kind, context.run_id, cfg, global_state, task)
+
+
 def received(msg: Message) -> dict[str, torch.Tensor]:
     """The message's global state (an empty record, stack's first round, is an empty dict)."""
     record = msg.content["global"]
@@ -100,37 +171,183 @@ def received(msg: Message) -> dict[str, torch.Tensor]:
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    """The site's name, its number of training examples (no training reply may claim more) and its fresh
-    global adapter (which the coordinator checks against its own: same base, lora section and seed)."""
-    site_client, _ = site(context)
-    info = ConfigRecord({"client": site_client.name, "num-examples": len(site_client.examples[0])})
-    global_state = ArrayRecord(site_client.initial)
-    return Message(content=RecordDict({"site": info, "global": global_state}), reply_to=msg)
+    """Who this site is: its name, training examples and fresh global adapter (Site.answer)."""
+    got = answer("query", msg, context)
+    info = ConfigRecord({"client": got["client"], "num-examples": got["num-examples"]})
+    return Message(content=RecordDict({"site": info, "global": ArrayRecord(got["global"])}), reply_to=msg)
 
 
 @client_app.train()
 def fit(msg: Message, context: Context) -> Message:
     """One round's training: the global adapter in, the trained global adapter and the sample count out."""
-    client, state_dir = site(context)
-    task = dict(msg.content["task"])
-    load_local(client, state_dir, task["round"] - 1)
-    global_state = received(msg)
-    upload, n, loss = client.fit(global_state, task)
-    save_local(client, state_dir, task["round"], global_state)
-    metrics = MetricRecord({"num-examples": n, "train-loss": loss})
-    return Message(content=RecordDict({"global": ArrayRecord(upload), "metrics": metrics}), reply_to=msg)
+    got = answer("train", msg, context)
+    metrics = MetricRecord({"num-examples": got["num-examples"], "train-loss": got["train-loss"]})
+    return Message(content=RecordDict({"global": ArrayRecord(got["global"]), "metrics": metrics}), reply_to=msg)
 
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The views' metrics on this site's eval split, with its local state as of the message's round."""
-    client, state_dir = site(context)
-    load_local(client, state_dir, int(msg.content["task"]["round"]))
-    rows = client.evaluate(received(msg))
+    rows = answer("evaluate", msg, context)["metrics"]
     content = RecordDict(
         {view: MetricRecord({k: v for k, v in m.items() if v is not None}) for view, m in rows.items()}
     )
     return Message(content=content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The warm site: one process per site that holds the Site for the whole run and answers the ClientApp
+# over a Unix socket in its state-dir that only its owner can open; it starts the site's SuperNode and
+# stops with it (and the SuperNode with it: a killed worker takes its node down, the site fails that
+# round like any site that leaves, and when started again it resumes from its state-dir).
+
+PROTOCOL = 1  # what a request and an answer hold; a ClientApp and a worker of other versions refuse each other
+
+
+def write_frame(sock: socket.socket, obj: Any) -> None:
+    """Send `obj` (tensors, numbers, strings, lists, dicts) as torch.save's bytes, length first."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    sock.sendall(len(buf.getbuffer()).to_bytes(8, "big") + buf.getbuffer())
+
+
+def read_frame(sock: socket.socket) -> Any:
+    """What write_frame sent, read with weights_only=True (tensors and plain containers only)."""
+
+    def exactly(n: int) -> bytes:
+        chunks = []
+        while n:
+            chunk = sock.recv(min(n, 1 << 20))
+            if not chunk:
+                raise ConnectionError("the other side closed the connection mid-message")
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    return torch.load(io.BytesIO(exactly(int.from_bytes(exactly(8), "big"))), weights_only=True)
+
+
+def ask_worker(path: str, request: tuple) -> dict[str, Any]:
+    """The worker's answer to `request` (kind, run id, config, global state, task); raises what it raised."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise ConnectionError(f"the site's worker at {path} does not answer ({e}): is the site running?") from None
+        write_frame(sock, (PROTOCOL, *request))
+        status, got = read_frame(sock)
+    if status != "ok":
+        raise RuntimeError(f"site worker: {got}")
+    return got
+
+
+def serve(site: Site, listener: socket.socket, alive: Callable[[], bool]) -> None:
+    """Answer the ClientApp's requests, one at a time, while alive(); a request that fails is answered
+    with its error (the site fails that message; the worker goes on)."""
+    listener.settimeout(1.0)
+    while alive():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(600)  # reading the request and writing the answer; a stuck ClientApp is let go
+            t0, kind = time.time(), "?"
+            try:
+                version, kind, run_id, cfg, global_state, task = read_frame(conn)
+                if version != PROTOCOL:
+                    raise ValueError(f"the ClientApp speaks protocol {version}, this site {PROTOCOL}: update the site")
+                reply = ("ok", site.answer(kind, run_id, cfg, global_state, task))
+                what = f"{kind}" + (f", round {task['round']}" if "round" in task else "")
+            except Exception as e:  # the message fails, never the site
+                reply, what = ("error", f"{type(e).__name__}: {e}"), f"{kind} failed ({type(e).__name__}: {e})"
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            n = f"{site.answered} message{'s' * (site.answered != 1)}"
+            print(f"site {site.name}: {what} in {time.time() - t0:.1f}s (run {site.run_id}: base loaded once, {n} "
+                  f"answered; peak memory {peak:.0f} MiB)", flush=True)  # fmt: skip
+            try:
+                write_frame(conn, reply)
+            except OSError:  # the ClientApp is gone (its SuperNode stopped it): nothing to answer
+                pass
+
+
+def listen(path: str) -> socket.socket:
+    """A Unix socket at `path` that only this user can open (mode 0600); ConfigError if another worker
+    answers there or the path is too long for a socket."""
+    if len(os.fsencode(path)) > 100:
+        raise C.ConfigError(f"--state-dir: {path} is too long a path for a Unix socket: use a shorter state-dir")
+    if os.path.exists(path):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+                raise C.ConfigError(f"--state-dir: a site is already running there (its worker answers at {path})")
+            except OSError:
+                os.unlink(path)  # left by a worker that was killed
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)  # created 0600: no window in which another user could connect
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(umask)
+    listener.listen(8)
+    return listener
+
+
+def site_command(argv: list[str] | None = None) -> None:
+    """`python flower_app.py --client fr --data-file F --state-dir D [flower-supernode options]`: a warm
+    site. Starts the worker (this process) and the site's SuperNode with the node config that points
+    its ClientApp at the worker; runs until the SuperNode stops (or this process gets SIGTERM/SIGINT)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        description="A Flower site that loads its base model once per run. Every option not listed here "
+        "goes to flower-supernode (--superlink, --root-certificates or --insecure, --auth-... ).",
+    )
+    ap.add_argument("--client", required=True, help="the site's name, e.g. fr (a name in data.clients)")
+    ap.add_argument("--data-file", required=True, help="the site's data, e.g. /data/fr.json")
+    ap.add_argument("--state-dir", required=True, help="where the site keeps its local adapter, round by round")
+    args, supernode_args = ap.parse_known_args(argv)
+    if any(a.startswith("--node-config") for a in supernode_args):
+        C.fail("--node-config: set by this command (client, data-file, state-dir and the worker's socket)")
+    if not os.path.isfile(args.data_file):
+        C.fail(f"--data-file: {args.data_file}: no such file")
+    state_dir = os.path.abspath(args.state_dir)
+    os.makedirs(state_dir, exist_ok=True)
+    path = os.path.join(state_dir, "site.sock")
+    try:
+        listener = listen(path)
+    except C.ConfigError as e:
+        C.fail(e)
+    data_file = os.path.abspath(args.data_file)
+    node_config = f"client='{args.client}' data-file='{data_file}' state-dir='{state_dir}' worker='{path}'"
+    exe = os.path.join(os.path.dirname(sys.executable), "flower-supernode")
+    argv = [exe if os.path.isfile(exe) else "flower-supernode", *supernode_args, "--node-config", node_config]
+    supernode = subprocess.Popen(argv, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the finally below stops the SuperNode
+    print(f"site {args.client}: worker {os.getpid()} on {path}, SuperNode {supernode.pid}; the base model "
+          "loads at the run's first message and stays loaded for the run", flush=True)  # fmt: skip
+    try:
+        serve(Site(args.client, data_file, state_dir), listener, lambda: supernode.poll() is None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+        if os.path.exists(path):
+            os.unlink(path)
+        if supernode.poll() is None:
+            supernode.terminate()
+            try:
+                supernode.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                supernode.kill()
+    sys.exit(supernode.returncode if supernode.returncode and supernode.returncode > 0 else 0)
+
+
+def die_with_parent() -> None:
+    """In the SuperNode's process, before it starts (Linux): SIGTERM it when the worker dies, even killed."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,10 +364,13 @@ class Sites:
     the run's sites, another live node holds the name, its key is not the name's in federated.sites, its
     example count differs from the one the site first declared, or its fresh adapter is not the
     coordinator's `initial` (another base, lora section or seed). Each refusal is printed, naming both nodes
-    where two claim one name. A site that restarts comes back as a new node and takes its place again."""
+    where two claim one name. A site that restarts comes back as a new node and takes its place again.
+    With no list of sites (`names` None: neither data.clients nor federated.sites), the run's sites are
+    whoever answers: those at the start, and any that joins later, added to `names` as it is admitted."""
 
     def __init__(self, cfg: C.Config, initial: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
-        self.initial, self.names = initial, names  # names: the run's sites; None: whoever answers first
+        self.initial, self.listed = initial, names is not None
+        self.names = list(names or [])  # the run's sites: as listed, or in the order they were admitted
         self.keys = {pem_key(path): name for name, path in (cfg["federated"]["sites"] or {}).items()}
         self.nodes: dict[str, int] = {}  # site name -> node id
         self.declared: dict[str, int] = {}  # site name -> training examples, as first declared
@@ -182,12 +402,14 @@ class Sites:
                 print(f"  site {name} reconnected (node {node})")
             self.nodes[name] = node
             self.declared.setdefault(name, n)
+            if name not in self.names:
+                self.names.append(name)
 
     def identify(self, content: RecordDict, key: bytes) -> tuple[str, int, str | None]:
         """(the site name a query answer claims, the training examples it declares, why the node cannot be
         that site or None)."""
         name, n = str(content["site"]["client"]), content["site"]["num-examples"]
-        if self.names is not None and name not in self.names:
+        if self.listed and name not in self.names:
             return name, n, f"not a site of this run ({', '.join(self.names)})"
         if self.keys and self.keys.get(key) != name:
             owner = self.keys.get(key)
@@ -204,16 +426,23 @@ class Sites:
             return name, n, f"its fresh global adapter is not the coordinator's ({why}): same base, lora, train.seed?"
         return name, n, None
 
-    def wait_for_all(self, grid: Grid, timeout: float) -> None:
-        """Ask until every site of the run is admitted (or, with no list of sites, any), or `timeout` passed."""
+    def gather(self, grid: Grid, timeout: float) -> None:
+        """Ask until every listed site is admitted (with no list, until one is), for at most `timeout`
+        seconds; then the run starts with the sites there, and a listed site still absent is named (it
+        fails each round it is sampled in until it connects). ConfigError if no site is admitted."""
         deadline = time.time() + timeout
-        while not ((self.names and set(self.names) <= set(self.nodes)) or (not self.names and self.nodes)):
+        while not self.nodes or (self.listed and not set(self.names) <= set(self.nodes)):
             if time.time() > deadline:
-                missing = [c for c in self.names or [] if c not in self.nodes]
-                raise C.ConfigError(f"sites not connected after {timeout:.0f}s: {', '.join(missing) or 'any'}")
+                break
             self.ask(grid, timeout)
             time.sleep(1)
-        self.names = self.names or sorted(self.nodes)  # from now on, the run's sites
+        if not self.nodes:
+            raise C.ConfigError(f"no site connected within federated.round_timeout ({timeout:.0f}s)")
+        if missing := [c for c in self.names if c not in self.nodes]:
+            print(f"  not connected after {timeout:.0f}s: {', '.join(missing)}; asked again every round, they "
+                  "fail each round they are sampled in until then")  # fmt: skip
+        if not self.listed:
+            self.names.sort()
 
 
 def pem_key(path: str) -> bytes:
@@ -256,19 +485,19 @@ def run(grid: Grid, context: Context) -> None:
     initial, adapter_cfg = prepare.fresh_adapter(cfg, "global")  # built here, from the config: no site's word
     names = prepare.client_names(cfg["data"]["clients"] or []) or list(fc["sites"] or []) or None
     sites = Sites(cfg, initial, names)
-    sites.wait_for_all(grid, timeout)
+    sites.gather(grid, timeout)
     nodes = sites.nodes
     fl_server.check_sampling(cfg, len(sites.names))
     checkpoints.clear_output_dir(out_dir, previous)
     checkpoints.save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
-    server = fl_server.Server(cfg, list(sites.names), initial, sites.declared)
+    server = fl_server.Server(cfg, list(sites.names), initial, dict(sites.declared))
     start = 1
     if resume:
         last = fl_server.latest_round(out_dir)
         start = fl_server.load_round(last, server)["round"] + 1  # tensors, numbers, names only: weights_only
         print(f"resumed after {os.path.basename(last)}")
     logger = C.Logger(out_dir)
-    print(f"{len(nodes)} sites ({', '.join(sites.names)}), mode {fc['mode']}, aggregation {fc['aggregation']}, "
+    print(f"{len(sites.names)} sites ({', '.join(sites.names)}), mode {fc['mode']}, aggregation {fc['aggregation']}, "
           f"{fc['rounds']} rounds")  # fmt: skip
     views = ["global"] if fc["mode"] == "global_only" else list(fl_client.VIEWS)
     for rnd in range(start, fc["rounds"] + 1):
@@ -276,7 +505,12 @@ def run(grid: Grid, context: Context) -> None:
             print(stop)
             break
         t0 = time.time()
-        sites.ask(grid, timeout)  # a site back after a restart
+        sites.ask(grid, timeout)  # a site back after a restart, or (no list of sites) a new one
+        for name, n in sites.declared.items():  # the sites admitted so far
+            if name not in server.clients:
+                server.join(name, n)
+                print(f"  site {name} joined: sampled from round {rnd} on")
+            server.declared.setdefault(name, n)  # a site of a resumed run, back
         tasks = server.tasks(rnd)
         msgs = [
             Message(
@@ -285,13 +519,15 @@ def run(grid: Grid, context: Context) -> None:
                 message_type="train",
             )
             for c, task in tasks
+            if c in nodes
         ]
         got = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
         replies, failed, malformed = {}, [], {}
         for client, _ in tasks:
-            reply = got.get(nodes[client])
+            reply = got.get(nodes[client]) if client in nodes else None
             if reply is None or reply.has_error():
                 why = "no answer within federated.round_timeout" if reply is None else reply.error.reason
+                why = why if client in nodes else "not connected"
                 print(f"  client {client} failed in round {rnd}: {why}; left out of the average")
                 failed.append(client)
                 continue
@@ -302,7 +538,7 @@ def run(grid: Grid, context: Context) -> None:
                 malformed[client] = f"malformed reply ({type(e).__name__}: {e})"
         ok = server.aggregate(rnd, [c for c, _ in tasks], replies, failed, malformed)
         t_train = time.time() - t0
-        silent = {c for c, _ in tasks if nodes[c] not in got}  # gone, most likely: not asked again until back
+        silent = {c for c, _ in tasks if c in nodes and nodes[c] not in got}  # gone, likely: asked again once back
         rows, rejected = evaluate_sites(
             grid, {c: n for c, n in nodes.items() if c not in silent}, server.global_state, rnd, timeout, views
         )
@@ -313,7 +549,8 @@ def run(grid: Grid, context: Context) -> None:
         fl_server.save_round(out_dir, rnd, server, adapter_cfg, cfg)
         records = C.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))  # a torn last line: skipped
         fl_server.plot(out_dir, [r for r in records if "client" in r], views)
-    print(f"done; checkpoints in {out_dir}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"done; checkpoints in {out_dir}; the coordinator's peak memory {peak:.0f} MiB")
 
 
 def evaluate_sites(
@@ -354,3 +591,7 @@ def evaluate_sites(
             for view in views
         }  # fmt: skip
     return rows, rejected
+
+
+if __name__ == "__main__":
+    site_command()

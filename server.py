@@ -74,6 +74,12 @@ class Server:
         self.dp, self.poisson = fc["dp_clip"] > 0, uses_poisson(fc)
         self.report: dict[str, Any] = {}  # the last round's aggregation figures, for its record
 
+    def join(self, client: str, declared: int) -> None:
+        """Add a client that joined after the start (a Flower run with no list of sites), with the number
+        of training examples it declared; it is sampled from the next tasks() on."""
+        self.clients.append(client)
+        self.declared[client] = declared
+
     def adapter(self, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, adapter_config.json) for round_NNN/global, from the global adapter's `config`: the
         whole adapter (ffa: with its frozen A); fedsa: A alone (each client's B stays with it); stack: the
@@ -369,7 +375,8 @@ def save_round(
         lora.write_adapter(os.path.join(tmp, "global"), *server.adapter(adapter_config))
         if extra is not None:
             extra(tmp)
-        state = {"round": rnd, "server_optimizer": server.optimizer.state_dict(), "history": server.history}
+        state = {"round": rnd, "server_optimizer": server.optimizer.state_dict(), "history": server.history,
+                 "clients": server.clients}  # fmt: skip
         torch.save({**state, "rng": rng} if rng is not None else state, os.path.join(tmp, "server.pt"))
         checkpoints.save_yaml(cfg, os.path.join(tmp, "config.yaml"))
 
@@ -396,6 +403,7 @@ def load_round(path: str, server: Server) -> dict[str, Any]:
     server.restore(lora.read_adapter(os.path.join(path, "global"))[1])
     server.optimizer.load_state_dict(state["server_optimizer"])
     server.history = state["history"]
+    server.clients = list(state.get("clients", server.clients))  # with those that joined, in their order
     return state
 
 

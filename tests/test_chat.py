@@ -430,7 +430,7 @@ def test_a_flower_site_takes_a_conversation_file(cache_dir, tmp_path):
     overrides = f"model.cache_dir={cache_dir} train.batch_size=4 federated.max_new_tokens=2 data.eval_fraction=0.02"
     node = {"client": "chat", "data-file": CHAT_DEMO, "state-dir": str(tmp_path)}
     context = types.SimpleNamespace(run_id=7, run_config={"overrides": overrides}, node_config=node)
-    client, _ = flower_app.site(context)
+    client = flower_app.site(context).setup(7, flower_app.load_run_config(context.run_config))
     assert "messages" in client.records[0][0] and len(client.examples[1]) == 15
     rows = client.evaluate(lora.adapter_state_dict(client.model, "global"))  # the fresh global adapter
     assert set(rows) == {"global", "local", "global+local"} and all(r["n"] == 15 for r in rows.values())

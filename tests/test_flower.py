@@ -178,11 +178,21 @@ class Deployment:
                 "--node-config", f"client='{site}' data-file='{data}' state-dir='{state_dir}'"]  # fmt: skip
         self.start(f"supernode_{process or site}", argv, env)
 
-    def supernodes(self, sites, state):
-        """Start one SuperNode per site (state-dir state/<site>); return once the SuperLink lists that many
-        nodes online."""
+    def site(self, site, state_dir, process=None, env=None, data=None):
+        """A warm site, as the README starts one (`python flower_app.py --client ...`: the worker holding the
+        model, which starts the site's SuperNode), its processes named supernode_<process or site>."""
+        data = data or os.path.join(ROOT, "data/clients", f"{site}.json")
+        argv = [sys.executable, os.path.join(ROOT, "flower_app.py"), "--client", site, "--data-file", data,
+                "--state-dir", str(state_dir), "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", self.certs["ca.crt"], "--host", "127.0.0.1",
+                "--port", str(free_port())]  # fmt: skip
+        self.start(f"supernode_{process or site}", argv, env)
+
+    def supernodes(self, sites, state, warm=False):
+        """Start one SuperNode per site (state-dir state/<site>), each a warm site's or a plain one; return
+        once the SuperLink lists that many nodes online."""
         for site in sites:
-            self.supernode(site, state / site)
+            (self.site if warm else self.supernode)(site, state / site)
         self.wait_for(f"{len(sites)} SuperNodes online", lambda: self.nodes_online() >= len(sites))
 
     def nodes_online(self):
@@ -268,12 +278,13 @@ def round_records(out_dir):
 
 
 def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, tmp_path):
-    """Two sites; es dies (SIGKILL) as round 1 starts and is restarted at once. Round 1 waits at most
-    federated.round_timeout, keeps fr's upload alone, and reports es failed; in round 2 the restarted es (a new
-    node id) is found again and trains from its state-dir, which holds nothing of round 1."""
+    """Two warm sites; es's worker dies (SIGKILL, the worker alone) as round 1 starts: its SuperNode goes
+    with it (it is told when its parent dies), and es is restarted. Round 1 waits at most
+    federated.round_timeout, keeps fr's upload alone, and reports es failed; in round 2 the restarted es (a
+    new node id) is found again and trains from its state-dir, which holds nothing of round 1."""
     out, state = tmp_path / "dep", tmp_path / "state"
     deployment.superlink()
-    deployment.supernodes(["fr", "es"], state)
+    deployment.supernodes(["fr", "es"], state, warm=True)
     timeout = seconds(60)
     deployment.start_run(job(cache_dir, out, ["fr", "es"], round_timeout=timeout))
     deadline = time.time() + seconds(300)
@@ -281,8 +292,18 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins(deployment, cache_dir, 
         assert time.time() < deadline and "run" in deployment.procs, (tmp_path / "run.log").read_text()
         time.sleep(0.5)
     time.sleep(3)
-    deployment.kill("supernode_es")
-    deployment.supernode("es", state / "es")
+    worker = deployment.procs.pop("supernode_es")
+    below = descendants(worker.pid)  # its SuperNode and any ClientApp
+    supernode = [(pid, start) for pid, start in below if (stat(pid) or (0,))[0] == worker.pid]
+    assert len(supernode) == 1, below
+    worker.kill()
+    worker.wait(timeout=30)
+    deadline = time.time() + seconds(60)
+    while any(stat(pid) is not None and stat(pid)[1] == start for pid, start in supernode):
+        assert time.time() < deadline, "the SuperNode outlived its site's worker"
+        time.sleep(0.5)
+    signal_if_same(below, signal.SIGKILL)  # a ClientApp caught mid-message (its own monitor would stop it)
+    deployment.site("es", state / "es")
     code, output = deployment.wait_run()
     assert code == 0, output
     rounds = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "status" in r}
@@ -335,6 +356,80 @@ def test_a_poisoning_site_and_a_second_node_with_a_sites_name_are_left_out(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rnd
 
 
+def peak_memory(line_prefix, text):
+    """The last "peak memory N MiB" figure on the lines of `text` that start with line_prefix."""
+    found = [line.rsplit("peak memory ", 1)[1].split()[0] for line in text.splitlines()
+             if line.startswith(line_prefix) and "peak memory " in line]  # fmt: skip
+    return float(found[-1]) if found else None
+
+
+def vm_hwm(pid):
+    """A live process's peak resident memory (VmHWM, /proc), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
+@pytest.mark.slow
+def test_eight_warm_sites_with_sampling_a_silent_site_and_a_late_one(deployment, cache_dir, tmp_path):
+    """Eight warm sites over TLS, half sampled each round (federated.fraction=0.5), no list of sites
+    (data.clients empty: the run's sites are those that answer). One is there but never answers (its
+    training waits an hour: tests/bad_site, BAD_SITE=hang); one starts during round 1. Round 1 leaves the
+    silent site out after federated.round_timeout and averages the other three; the late site joins at
+    round 2 and trains; every site loads its base once. Prints each round's wall time and each process's
+    peak memory (docs/flower.md)."""
+    import fedavg
+
+    out, state, data = tmp_path / "dep", tmp_path / "state", tmp_path / "data"
+    data.mkdir()
+    names = [f"s{i}" for i in range(1, 9)]
+    demo = [json.loads(open(os.path.join(ROOT, "data/clients", f"{c}.json")).read()) for c in ("fr", "de", "es", "it")]
+    for i, name in enumerate(names):  # half of one demo client's records each
+        (data / f"{name}.json").write_text(json.dumps(demo[i // 2][(i % 2) * 30 : (i % 2) * 30 + 30]))
+    seed = fl_server.C.load_config(CONFIG, [])["train"]["seed"]
+    for late in reversed(names):  # a late site sampled in round 2, a silent one sampled in round 1
+        first = [n for n in names if n != late]
+        silent = fedavg.sample_clients(first, 1, seed, fraction=0.5)[0]
+        if late in fedavg.sample_clients(first + [late], 2, seed, fraction=0.5):
+            break
+    timeout = seconds(60)
+    deployment.superlink()
+    hang = {"PYTHONPATH": os.path.join(ROOT, "tests", "bad_site"), "BAD_SITE": "hang"}
+    for name in first:
+        deployment.site(name, state / name, env=hang if name == silent else None, data=str(data / f"{name}.json"))
+    deployment.wait_for("7 SuperNodes online", lambda: deployment.nodes_online() >= 7)
+    deployment.start_run([*job(cache_dir, out, [], round_timeout=timeout), "federated.fraction=0.5"])
+    deadline = time.time() + seconds(300)
+    while not (out / "config.yaml").exists():  # round 1 starts now
+        assert time.time() < deadline and deployment.procs["run"].poll() is None, (tmp_path / "run.log").read_text()
+        time.sleep(0.5)
+    deployment.site(late, state / late, data=str(data / f"{late}.json"))
+    code, output = deployment.wait_run(timeout=900)
+    assert code == 0, output
+    records = C_read(out)
+    rounds = {r["round"]: r for r in records if "status" in r}
+    assert silent in rounds[1]["clients"] and rounds[1]["failed"] == [silent] and rounds[1]["succeeded"] == 3
+    assert f"site {late} joined: sampled from round 2 on" in output
+    assert late in rounds[2]["clients"] and late not in rounds[2]["failed"]
+    assert {(r["round"], r["client"]) for r in records if "client" in r} >= {(2, late)}
+    logs = {name: (tmp_path / f"supernode_{name}.log").read_text() for name in names}
+    for name, log in logs.items():  # one base load per site, for every message it answered
+        assert sum(" loaded in " in line for line in log.splitlines()) == 1, (name, log[-2000:])
+    workers = {name: deployment.procs[f"supernode_{name}"].pid for name in names}
+    supernodes = {name: [p for p, _ in descendants(w) if (stat(p) or (0,))[0] == w] for name, w in workers.items()}
+    print(f"\n8 warm sites, tiny model, fraction 0.5, round_timeout {timeout}s; silent {silent}, late {late}")
+    for rnd, r in rounds.items():
+        sampled = ", ".join(r["clients"])
+        print(f"round {rnd}: {r['seconds']:.1f}s (training {r['seconds_train']:.1f}s), sampled {sampled}")
+    print(f"coordinator (ServerApp): peak {peak_memory('done;', output):.0f} MiB")
+    for name in names:
+        sn = f"{vm_hwm(supernodes[name][0]):.0f}" if supernodes[name] else "?"
+        print(f"site {name}: worker peak {peak_memory(f'site {name}:', logs[name]):.0f} MiB, SuperNode peak {sn} MiB")
+
+
+def C_read(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 EXTRA = {
     "fedavg": [],
     "dp": ["federated.dp_clip=0.05", "federated.dp_noise=0.8"],
@@ -357,7 +452,7 @@ def test_deployment_over_tls_crashed_and_resumed_equals_the_simulation(kind, dep
 
     def start():
         deployment.superlink()
-        deployment.supernodes(["fr", "de"], state)
+        deployment.supernodes(["fr", "de"], state, warm=True)
 
     start()
     deployment.start_run(job_(dep, ["fr", "de"]))
