@@ -22,6 +22,7 @@ on the command line), `resume` (continue after the last complete round in federa
 """
 
 import io
+import math
 import os
 import resource
 import shlex
@@ -164,9 +165,44 @@ def answer(kind: str, msg: Message, context: Context) -> dict[str, Any]:
 
 
 def received(msg: Message) -> dict[str, torch.Tensor]:
-    """The message's global state (an empty record, stack's first round, is an empty dict)."""
-    record = msg.content["global"]
-    return record.to_torch_state_dict() if len(record) else {}
+    """The global state a message carries (see packed)."""
+    return unpacked(msg.content)
+
+
+def packed(state: dict[str, torch.Tensor]) -> dict[str, ArrayRecord | ConfigRecord]:
+    """A global state as a message carries it: "global", one flat array per dtype, and "global-layout",
+    the keys, shapes and dtypes that cut it back into tensors (unpacked). Flower sends every array as an
+    object of its own, one request each, hop by hop: an adapter on seven projections is 400 arrays or
+    more, which took longer to cross loopback than the site took to train."""
+    keys = sorted(state)
+    dtypes = [str(state[k].dtype).removeprefix("torch.") for k in keys]
+    flats = {
+        d: torch.cat([state[k].reshape(-1) for k, kd in zip(keys, dtypes, strict=True) if kd == d])
+        for d in dict.fromkeys(dtypes)
+    }
+    layout = {"keys": keys, "shapes": [",".join(str(n) for n in state[k].shape) for k in keys], "dtypes": dtypes}
+    return {"global": ArrayRecord(flats), "global-layout": ConfigRecord(layout)}
+
+
+def unpacked(content: RecordDict) -> dict[str, torch.Tensor]:
+    """The state packed() put in `content` (an empty one: stack's first round). Raises ValueError,
+    KeyError or TypeError where the layout and the arrays disagree (a reply that is refused, not read)."""
+    layout, record = content["global-layout"], content["global"]
+    keys, shapes, dtypes = list(layout["keys"]), list(layout["shapes"]), list(layout["dtypes"])
+    if not len(keys) == len(shapes) == len(dtypes):
+        raise ValueError(f"a layout of {len(keys)} keys, {len(shapes)} shapes and {len(dtypes)} dtypes")
+    flats = record.to_torch_state_dict() if len(record) else {}
+    state, used = {}, dict.fromkeys(flats, 0)
+    for key, shape, dtype in zip(keys, shapes, dtypes, strict=True):
+        dims = [int(n) for n in str(shape).split(",") if n]
+        n, flat = math.prod(dims), flats[dtype]
+        if used[dtype] + n > flat.numel():
+            raise ValueError(f"the {dtype} array is too short for the layout ({key})")
+        state[key] = flat[used[dtype] : used[dtype] + n].reshape(dims).clone()
+        used[dtype] += n
+    if any(used[d] != flats[d].numel() for d in flats):
+        raise ValueError("an array is longer than the layout")
+    return state
 
 
 @client_app.query()
@@ -174,7 +210,7 @@ def query(msg: Message, context: Context) -> Message:
     """Who this site is: its name, training examples and fresh global adapter (Site.answer)."""
     got = answer("query", msg, context)
     info = ConfigRecord({"client": got["client"], "num-examples": got["num-examples"]})
-    return Message(content=RecordDict({"site": info, "global": ArrayRecord(got["global"])}), reply_to=msg)
+    return Message(content=RecordDict({"site": info, **packed(got["global"])}), reply_to=msg)
 
 
 @client_app.train()
@@ -182,7 +218,7 @@ def fit(msg: Message, context: Context) -> Message:
     """One round's training: the global adapter in, the trained global adapter and the sample count out."""
     got = answer("train", msg, context)
     metrics = MetricRecord({"num-examples": got["num-examples"], "train-loss": got["train-loss"]})
-    return Message(content=RecordDict({"global": ArrayRecord(got["global"]), "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({**packed(got["global"]), "metrics": metrics}), reply_to=msg)
 
 
 @client_app.evaluate()
@@ -368,8 +404,12 @@ class Sites:
     With no list of sites (`names` None: neither data.clients nor federated.sites), the run's sites are
     whoever answers: those at the start, and any that joins later, added to `names` as it is admitted."""
 
-    def __init__(self, cfg: C.Config, initial: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
-        self.initial, self.listed = initial, names is not None
+    def __init__(
+        self, cfg: C.Config, fresh: Callable[[], tuple[dict[str, torch.Tensor], dict]], names: list[str] | None = None
+    ) -> None:
+        self.fresh, self.listed = fresh, names is not None  # fresh(): (the initial global adapter, its config)
+        self.initial: dict[str, torch.Tensor] = {}
+        self.adapter_config: dict[str, Any] = {}
         self.names = list(names or [])  # the run's sites: as listed, or in the order they were admitted
         self.keys = {pem_key(path): name for name, path in (cfg["federated"]["sites"] or {}).items()}
         self.nodes: dict[str, int] = {}  # site name -> node id
@@ -382,7 +422,7 @@ class Sites:
         ids = [i for i in live if i not in self.seen]
         self.seen.update(ids)
         ask = [Message(RecordDict(), dst_node_id=i, message_type="query") for i in ids]
-        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(ask, timeout=timeout)} if ask else {}
+        replies = {r.metadata.src_node_id: r for r in exchange(grid, ask, timeout, self.build)}
         for node in ids:
             reply = replies.get(node)
             if reply is None or reply.has_error():
@@ -405,6 +445,12 @@ class Sites:
             if name not in self.names:
                 self.names.append(name)
 
+    def build(self) -> None:
+        """The initial global adapter, built once, here, from the config (no site's word), while the sites
+        asked first load their bases."""
+        if not self.initial:
+            self.initial, self.adapter_config = self.fresh()
+
     def identify(self, content: RecordDict, key: bytes) -> tuple[str, int, str | None]:
         """(the site name a query answer claims, the training examples it declares, why the node cannot be
         that site or None)."""
@@ -418,7 +464,7 @@ class Sites:
             return name, n, f"declares {n!r} training examples, not a positive integer"
         if n != self.declared.get(name, n):
             return name, n, f"declares {n} training examples, {self.declared[name]} when it first joined"
-        fresh = content["global"].to_torch_state_dict()
+        fresh = unpacked(content)
         why = fl_server.check_upload(fresh, self.initial)
         if why is None and not all(torch.allclose(fresh[k], v, rtol=1e-5, atol=1e-7) for k, v in self.initial.items()):
             why = "other values"
@@ -443,6 +489,30 @@ class Sites:
                   "fail each round they are sampled in until then")  # fmt: skip
         if not self.listed:
             self.names.sort()
+
+
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, meanwhile: Callable[[], None] | None = None
+) -> list[Message]:
+    """Send `messages` (each to a node of its own) and return the replies that arrive within `timeout`
+    seconds: Grid.send_and_receive, but asking for replies every half second rather than every 3 s, and
+    running meanwhile() while the sites work."""
+    if not messages:
+        if meanwhile is not None:
+            meanwhile()
+        return []
+    pending = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages), strict=True))
+    deadline = time.time() + timeout  # from the sending, as in send_and_receive
+    if meanwhile is not None:
+        meanwhile()
+    replies: dict[int, Message] = {}
+    while pending and time.time() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            replies.setdefault(reply.metadata.src_node_id, reply)
+        pending = {i: node for i, node in pending.items() if node not in replies}
+        if pending:
+            time.sleep(0.5)
+    return list(replies.values())
 
 
 def pem_key(path: str) -> bytes:
@@ -482,10 +552,10 @@ def run(grid: Grid, context: Context) -> None:
     if resume:  # a changed lr, aggregation, DP setting, client set...: refused in one line
         C.check_resume_config(os.path.join(fl_server.latest_round(out_dir), "config.yaml"), cfg)
     C.quiet_libraries()
-    initial, adapter_cfg = prepare.fresh_adapter(cfg, "global")  # built here, from the config: no site's word
     names = prepare.client_names(cfg["data"]["clients"] or []) or list(fc["sites"] or []) or None
-    sites = Sites(cfg, initial, names)
+    sites = Sites(cfg, lambda: prepare.fresh_adapter(cfg, "global"), names)
     sites.gather(grid, timeout)
+    initial, adapter_cfg = sites.initial, sites.adapter_config
     nodes = sites.nodes
     fl_server.check_sampling(cfg, len(sites.names))
     checkpoints.clear_output_dir(out_dir, previous)
@@ -514,14 +584,14 @@ def run(grid: Grid, context: Context) -> None:
         tasks = server.tasks(rnd)
         msgs = [
             Message(
-                RecordDict({"global": ArrayRecord(server.global_state), "task": ConfigRecord(task)}),
+                RecordDict({**packed(server.global_state), "task": ConfigRecord(task)}),
                 dst_node_id=nodes[c],
                 message_type="train",
             )
             for c, task in tasks
             if c in nodes
         ]
-        got = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+        got = {r.metadata.src_node_id: r for r in exchange(grid, msgs, timeout)}
         replies, failed, malformed = {}, [], {}
         for client, _ in tasks:
             reply = got.get(nodes[client]) if client in nodes else None
@@ -565,13 +635,13 @@ def evaluate_sites(
     None, 0), {site: why its reply was left out})."""
     msgs = [
         Message(
-            RecordDict({"global": ArrayRecord(global_state), "task": ConfigRecord({"round": rnd})}),
+            RecordDict({**packed(global_state), "task": ConfigRecord({"round": rnd})}),
             dst_node_id=i,
             message_type="evaluate",
         )
         for i in nodes.values()
     ]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
+    replies = {r.metadata.src_node_id: r for r in exchange(grid, msgs, timeout)}
     rows, rejected = {}, {}
     for client, node in nodes.items():
         reply = replies.get(node)

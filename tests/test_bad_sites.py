@@ -59,6 +59,7 @@ def overrides(cache_dir, out_dir, client_files):
         "federated.global_steps=1",
         "federated.max_new_tokens=2",
         "federated.max_update_norm=1000",
+        "federated.round_timeout=3",  # the stand-in answers at once; a dropped reply is waited for this long
         "train.batch_size=2",
         f"data.clients=[{files}]",
         "model.quantization=none",
@@ -211,6 +212,7 @@ class _NoCapture:
 # The ServerApp's own code (flower_app.run) with a stand-in Grid that delivers the ClientApp's replies
 
 flwr = pytest.importorskip("flwr")
+MESSAGE_IDS = itertools.count()
 RUN_IDS = itertools.count(1000)  # a run id each: flower_app caches each run's sites
 
 
@@ -229,8 +231,17 @@ class StandInGrid:
 
         return [NodeInfo(node_id=i, public_key=self.keys.get(i, b"")) for i in self.contexts]
 
+    def push_messages(self, messages):  # answered at once, in process; pull_messages hands the replies over
+        messages = list(messages)
+        self.pending = getattr(self, "pending", []) + list(self.send_and_receive(messages))
+        return [f"m{next(MESSAGE_IDS)}" for _ in messages]
+
+    def pull_messages(self, message_ids):
+        replies, self.pending = self.pending, []
+        return replies
+
     def send_and_receive(self, messages, timeout=None):
-        from flwr.app import ArrayRecord, Message, RecordDict
+        from flwr.app import Message, RecordDict
 
         import flower_app
 
@@ -244,13 +255,13 @@ class StandInGrid:
                     continue
                 if self.kind in KINDS:
                     content = reply.content
-                    received = msg.content["global"].to_torch_state_dict()
+                    received = flower_app.unpacked(msg.content)
                     upload, n = alter(
-                        self.kind, content["global"].to_torch_state_dict(), received, content["metrics"]["num-examples"]
+                        self.kind, flower_app.unpacked(content), received, content["metrics"]["num-examples"]
                     )
                     content["metrics"]["num-examples"] = n
                     reply = Message(
-                        RecordDict({"global": ArrayRecord(upload), "metrics": content["metrics"]}), reply_to=msg
+                        RecordDict({**flower_app.packed(upload), "metrics": content["metrics"]}), reply_to=msg
                     )
             if node == self.bad and kind == "evaluate" and self.kind == "no_eval_metrics":
                 for m in reply.content.metric_records.values():

@@ -26,6 +26,7 @@ import flower_app  # noqa: E402 (needs flwr)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
 SITES = ("fr", "de", "es")
+MESSAGE_IDS = itertools.count()
 RUN_IDS = itertools.count(2000)  # a run id each: a Site is rebuilt when the run changes
 
 
@@ -60,6 +61,15 @@ class Grid:
         from flwr.proto.node_pb2 import NodeInfo
 
         return [NodeInfo(node_id=i, public_key=b"") for i in self.online]
+
+    def push_messages(self, messages):  # answered at once, in process; pull_messages hands the replies over
+        messages = list(messages)
+        self.pending = getattr(self, "pending", []) + list(self.send_and_receive(messages))
+        return [f"m{next(MESSAGE_IDS)}" for _ in messages]
+
+    def pull_messages(self, message_ids):
+        replies, self.pending = self.pending, []
+        return replies
 
     def send_and_receive(self, messages, timeout=None):
         handlers = {"query": flower_app.query, "train": flower_app.fit, "evaluate": flower_app.evaluate}
@@ -241,3 +251,28 @@ def test_the_site_command_refuses_bad_input_in_one_line(args, message, tmp_path,
                           text=True, timeout=60)  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_a_global_state_crosses_as_one_array_per_dtype_and_a_bad_layout_is_refused():
+    """packed/unpacked: every tensor back as it was (dtype, shape, values), and a layout that disagrees with
+    its arrays raises (the reply is then refused as malformed, never read wrongly)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    state = {"b.lora_A.weight": torch.randn(3, 4), "a.lora_B.weight": torch.randn(4, 3), "n": torch.arange(5)}
+    content = RecordDict(flower_app.packed(state))
+    assert sorted(content["global"]) == ["float32", "int64"]  # two arrays, not three
+    got = flower_app.unpacked(content)
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+    assert flower_app.unpacked(RecordDict(flower_app.packed({}))) == {}  # stack's first round
+    layout = dict(content["global-layout"])
+    for change, message in [
+        ({"shapes": ["3,4", "4,3", "6"]}, "too short"),
+        ({"shapes": ["3,4", "4,3", "4"]}, "longer than the layout"),
+        ({"keys": layout["keys"][:2]}, "a layout of 2 keys, 3 shapes"),
+    ]:
+        bad = RecordDict({"global": content["global"], "global-layout": ConfigRecord({**layout, **change})})
+        with pytest.raises(ValueError, match=message):
+            flower_app.unpacked(bad)
+    float64 = ConfigRecord({**layout, "dtypes": ["float64"] * 3})  # no such array
+    with pytest.raises(KeyError):
+        flower_app.unpacked(RecordDict({"global": content["global"], "global-layout": float64}))
