@@ -385,19 +385,18 @@ def test_eight_warm_sites_with_sampling_a_silent_site_and_a_late_one(deployment,
     demo = [json.loads(open(os.path.join(ROOT, "data/clients", f"{c}.json")).read()) for c in ("fr", "de", "es", "it")]
     for i, name in enumerate(names):  # half of one demo client's records each
         (data / f"{name}.json").write_text(json.dumps(demo[i // 2][(i % 2) * 30 : (i % 2) * 30 + 30]))
-    seed = fl_server.C.load_config(CONFIG, [])["train"]["seed"]
-    for late in reversed(names):  # a late site sampled in round 2, a silent one sampled in round 1
-        first = [n for n in names if n != late]
-        silent = fedavg.sample_clients(first, 1, seed, fraction=0.5)[0]
-        if late in fedavg.sample_clients(first + [late], 2, seed, fraction=0.5):
-            break
-    timeout = seconds(60)
+    first, late = names[:-1], names[-1]  # s8 joins last: the run's sites are then s1..s7, s8
+    seed = next(s for s in range(100) if late in fedavg.sample_clients(names, 2, s, fraction=0.5))  # it trains
+    silent = fedavg.sample_clients(first, 1, seed, fraction=0.5)[0]  # sampled in round 1
+    timeout = seconds(90)  # the honest sites' answers, on two cores shared with the rest of the suite
     deployment.superlink()
     hang = {"PYTHONPATH": os.path.join(ROOT, "tests", "bad_site"), "BAD_SITE": "hang"}
     for name in first:
         deployment.site(name, state / name, env=hang if name == silent else None, data=str(data / f"{name}.json"))
     deployment.wait_for("7 SuperNodes online", lambda: deployment.nodes_online() >= 7)
-    deployment.start_run([*job(cache_dir, out, [], round_timeout=timeout), "federated.fraction=0.5"])
+    deployment.start_run(
+        [*job(cache_dir, out, [], round_timeout=timeout), "federated.fraction=0.5", f"train.seed={seed}"]
+    )
     deadline = time.time() + seconds(300)
     while not (out / "config.yaml").exists():  # round 1 starts now
         assert time.time() < deadline and deployment.procs["run"].poll() is None, (tmp_path / "run.log").read_text()
