@@ -65,6 +65,20 @@ def tiny_dir(cache_dir):
     return config.resolve_model_path({"model": {"name_or_path": "tiny", "cache_dir": cache_dir}})
 
 
+@pytest.fixture(scope="module")
+def client_files(tmp_path_factory):
+    """The demo's client files fr, de and es cut to 40 records each (tests/test_bad_sites.py and
+    test_sites.py): seconds per federated run."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tmp_path_factory.mktemp("clients")
+    for name in ("fr", "de", "es"):
+        with open(os.path.join(root, "data/clients", f"{name}.json")) as f:
+            (d / f"{name}.json").write_text(json.dumps(json.load(f)[:40]))
+    return {name: str(d / f"{name}.json") for name in ("fr", "de", "es")}
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """A model.cache_dir holding the tiny default model, built once for the whole session."""

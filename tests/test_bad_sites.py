@@ -9,7 +9,6 @@ Flower's Grid that delivers the ClientApp's real replies.
 """
 
 import itertools
-import json
 import os
 import shlex
 
@@ -37,16 +36,6 @@ REASONS = {  # what the round's line and metrics.jsonl say of each
     "int_dtype": "is int64, not float32",
     "inflated_count": "claims 1000000000000 training examples, but declared",
 }
-
-
-@pytest.fixture(scope="module")
-def client_files(tmp_path_factory):
-    """The demo's client files cut to 40 records each: seconds per run."""
-    d = tmp_path_factory.mktemp("clients")
-    for name in SITES:
-        records = json.loads(open(os.path.join(ROOT, "data/clients", f"{name}.json")).read())[:40]
-        (d / f"{name}.json").write_text(json.dumps(records))
-    return {name: str(d / f"{name}.json") for name in SITES}
 
 
 def overrides(cache_dir, out_dir, client_files):
@@ -190,15 +179,19 @@ def simulate(cache_dir, out_dir, client_files, capsys, monkeypatch, kind=None):
     return stdout
 
 
-@pytest.fixture(scope="module")
-def simulated_references(cache_dir, client_files, tmp_path_factory):
-    """The global adapters of the honest run and of the run where es never answers."""
-    out, mp = tmp_path_factory.mktemp("sim_refs"), pytest.MonkeyPatch()
-    refs = {}
+def references(run, out, cache_dir, client_files):
+    """The global adapters of the honest run and of the run where es never answers, through `run`
+    (simulate or deploy), each run in a folder of `out`."""
+    refs, mp = {}, pytest.MonkeyPatch()
     for kind in ("honest", "absent"):
-        simulate(cache_dir, out / kind, client_files, _NoCapture(), mp, kind)
+        run(cache_dir, out / kind, client_files, _NoCapture(), mp, kind)
         refs[kind] = global_adapters(out / kind)
     return refs
+
+
+@pytest.fixture(scope="module")
+def simulated_references(cache_dir, client_files, tmp_path_factory):
+    return references(simulate, tmp_path_factory.mktemp("sim_refs"), cache_dir, client_files)
 
 
 class _NoCapture:
@@ -312,12 +305,7 @@ def deploy(cache_dir, out_dir, client_files, capsys, monkeypatch, kind=None, ext
 
 @pytest.fixture(scope="module")
 def deployed_references(cache_dir, client_files, tmp_path_factory):
-    out, mp = tmp_path_factory.mktemp("flower_refs"), pytest.MonkeyPatch()
-    refs = {}
-    for kind in ("honest", "absent"):
-        deploy(cache_dir, out / kind, client_files, _NoCapture(), mp, kind)
-        refs[kind] = global_adapters(out / kind)
-    return refs
+    return references(deploy, tmp_path_factory.mktemp("flower_refs"), cache_dir, client_files)
 
 
 def test_the_deployment_starts_where_the_simulation_does(simulated_references, deployed_references):

@@ -4,7 +4,6 @@ Unix socket to a Site that stays loaded (flower_app.serve, in a thread here; tes
 real site command). The references are the serial simulation (federated.main) and the cold ClientApp."""
 
 import itertools
-import json
 import os
 import socket
 import stat
@@ -17,27 +16,21 @@ import torch
 
 import config as C
 import federated
-import lora
 from conftest import run_main
 
 flwr = pytest.importorskip("flwr")
 import flower_app  # noqa: E402 (needs flwr)
+from test_bad_sites import (  # noqa: E402 (the same sites, files, stand-in Grid and comparisons)
+    SITES,
+    StandInGrid,
+    assert_bit_equal,
+    global_adapters,
+    round_records,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "config.yaml")
-SITES = ("fr", "de", "es")
-MESSAGE_IDS = itertools.count()
 RUN_IDS = itertools.count(2000)  # a run id each: a Site is rebuilt when the run changes
-
-
-@pytest.fixture(scope="module")
-def client_files(tmp_path_factory):
-    """The demo's client files cut to 40 records each: seconds per run."""
-    d = tmp_path_factory.mktemp("clients")
-    for name in SITES:
-        records = json.loads(open(os.path.join(ROOT, "data/clients", f"{name}.json")).read())[:40]
-        (d / f"{name}.json").write_text(json.dumps(records))
-    return {name: str(d / f"{name}.json") for name in SITES}
 
 
 def overrides(cache_dir, out_dir, listed, *extra):
@@ -49,38 +42,24 @@ def overrides(cache_dir, out_dir, listed, *extra):
             "data.max_seq_len=64", "federated.round_timeout=3", *extra]  # fmt: skip
 
 
-class Grid:
-    """Flower's Grid, in process: node i is a site (a Context with its node config) whose messages go to
-    flower_app's ClientApp functions; `joins` {round: [nodes]} are nodes that come online when that round's
-    first training message is sent (a site that starts late)."""
+class Grid(StandInGrid):
+    """test_bad_sites' stand-in Grid (node i is a site whose messages go to flower_app's ClientApp
+    functions) with only the nodes `online` connected; `joins` {round: [nodes]} are nodes that come online
+    when that round's first training message is sent (a site that starts late)."""
 
     def __init__(self, contexts, online, joins=None):
-        self.contexts, self.online, self.joins = contexts, list(online), joins or {}
+        super().__init__(contexts)
+        self.online, self.joins = list(online), joins or {}
 
     def get_nodes(self):
-        from flwr.proto.node_pb2 import NodeInfo
-
-        return [NodeInfo(node_id=i, public_key=b"") for i in self.online]
-
-    def push_messages(self, messages):  # answered at once, in process; pull_messages hands the replies over
-        messages = list(messages)
-        self.pending = getattr(self, "pending", []) + list(self.send_and_receive(messages))
-        return [f"m{next(MESSAGE_IDS)}" for _ in messages]
-
-    def pull_messages(self, message_ids):
-        replies, self.pending = self.pending, []
-        return replies
+        return [n for n in super().get_nodes() if n.node_id in self.online]
 
     def send_and_receive(self, messages, timeout=None):
-        handlers = {"query": flower_app.query, "train": flower_app.fit, "evaluate": flower_app.evaluate}
+        messages = list(messages)
         for msg in messages:
             if msg.metadata.message_type == "train":
-                self.online += [i for i in self.joins.pop(int(msg.content["task"]["round"]), [])]
-        return [
-            handlers[msg.metadata.message_type](msg, self.contexts[msg.metadata.dst_node_id])
-            for msg in messages
-            if msg.metadata.dst_node_id in self.online
-        ]
+                self.online += self.joins.pop(int(msg.content["task"]["round"]), [])
+        return super().send_and_receive([m for m in messages if m.metadata.dst_node_id in self.online])
 
 
 @pytest.fixture
@@ -133,20 +112,6 @@ def cold(name, data_file, state_dir):
     return {"client": name, "data-file": data_file, "state-dir": state_dir}
 
 
-def global_adapters(out_dir):
-    return {d: lora.read_adapter(os.path.join(out_dir, d, "global"))[1] for d in ("round_001", "round_002")}
-
-
-def assert_bit_equal(a, b):
-    assert a.keys() == b.keys()
-    for rnd in a:
-        assert a[rnd].keys() == b[rnd].keys() and all(torch.equal(a[rnd][k], b[rnd][k]) for k in a[rnd]), rnd
-
-
-def rounds(out_dir):
-    return {r["round"]: r for r in C.read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "status" in r}
-
-
 def test_warm_sites_load_the_base_once_and_equal_the_simulation(
     cache_dir, client_files, tmp_path, capsys, monkeypatch, workers
 ):
@@ -180,7 +145,7 @@ def test_a_site_no_list_names_joins_at_round_2(cache_dir, client_files, tmp_path
     serverapp(cache_dir, out, client_files, monkeypatch, start, listed=(), late=["es"], joins=1)
     printed = capsys.readouterr()[0]
     assert "2 sites (de, fr)" in printed and "site es joined: sampled from round 2 on" in printed
-    r = rounds(out)
+    r = round_records(out)
     assert r[1]["clients"] == ["de", "fr"] and r[2]["clients"] == ["de", "fr", "es"] and r[2]["failed"] == []
     evaluated = {(x["round"], x["client"]) for x in C.read_jsonl(os.path.join(out, "metrics.jsonl")) if "client" in x}
     assert ("es", 1) not in {(c, n) for n, c in evaluated} and (2, "es") in evaluated
@@ -197,7 +162,7 @@ def test_a_listed_site_absent_at_the_start_fails_its_rounds_until_it_connects(
     serverapp(cache_dir, out, client_files, monkeypatch, cold, late=["es"], joins=1)
     printed = capsys.readouterr()[0]
     assert "not connected after 3s: es" in printed and "client es failed in round 1: not connected" in printed
-    r = rounds(out)
+    r = round_records(out)
     assert r[1]["failed"] == ["es"] and r[1]["succeeded"] == 2 and r[2]["failed"] == [] and r[2]["succeeded"] == 3
 
 
