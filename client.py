@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import benchmark as B
 import checkpoints
 import config as C
 import data as D
@@ -114,6 +115,11 @@ class Client:
             lora.set_active(self.model, frozen + VIEWS[view] if "global" in VIEWS[view] else VIEWS[view])
             rows[view] = evaluate_client(self.run, self.cfg, self.records[1], self.examples[1], conflicts)
         return rows
+
+    def benchmark(self, global_state: dict[str, torch.Tensor], questions: list[B.Question]) -> dict[str, Any]:
+        """benchmark.mmlu's accuracies for the global adapter as this client holds it (with fedsa, its own B)."""
+        lora.set_active(self.model, self.load(global_state) + ["global"])
+        return B.mmlu(self.model, self.run.tok, questions, self.run.device, self.run.dtype)[0]
 
     # What a client keeps between rounds, in a folder: round_NNN/clients/<name>/ in the simulation, the
     # site's state-dir/round_NNN/ in a Flower deployment

@@ -78,6 +78,9 @@ DEFAULTS: Config = {
         log_every=10,
         max_bad_steps=5,
         overwrite=False,
+        benchmark=None,
+        benchmark_limit=200,
+        benchmark_every=0,
     ),
     "federated": dict(
         output_dir="runs/federated",
@@ -101,6 +104,9 @@ DEFAULTS: Config = {
         max_update_norm=0.0,
         weighting="examples",
         sites=None,
+        benchmark=None,
+        benchmark_limit=200,
+        benchmark_every=1,
     ),
 }
 REPLACED = {  # keys of earlier versions: the line that says what took their place
@@ -114,6 +120,10 @@ NULLABLE = {  # keys whose default is None
     "data.clients": list,
     "federated.dp_max_epsilon": float,
     "federated.sites": dict,
+    "train.benchmark": str,
+    "train.benchmark_limit": int,
+    "federated.benchmark": str,
+    "federated.benchmark_limit": int,
 }
 CHOICES = {
     "model.quantization": M.QUANTIZATIONS,
@@ -126,6 +136,8 @@ CHOICES = {
     "federated.server_optimizer": ("fedavg", "fedavgm", "fedadam"),
     "federated.sampling": ("auto", "fixed", "poisson"),
     "federated.weighting": ("examples", "uniform"),
+    "train.benchmark": ("mmlu",),  # benchmark.BENCHMARKS; null = off
+    "federated.benchmark": ("mmlu",),
 }
 RULES = {  # key: (test, what it must be)
     "lora.r": (lambda v: v >= 1, ">= 1"),
@@ -164,6 +176,10 @@ RULES = {  # key: (test, what it must be)
     "federated.dp_delta": (lambda v: 0 < v < 1, "in (0, 1)"),
     "federated.dp_max_epsilon": (lambda v: v is None or v > 0, "> 0 or null"),
     "federated.max_update_norm": (lambda v: v >= 0, ">= 0"),
+    "train.benchmark_limit": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "train.benchmark_every": (lambda v: v >= 0, ">= 0"),
+    "federated.benchmark_limit": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "federated.benchmark_every": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -215,7 +231,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
         _set(cfg, key.strip(), value, "override")
     for key, options in CHOICES.items():
         section, name = key.split(".")
-        if cfg[section][name] not in options:
+        if cfg[section][name] not in options and not (cfg[section][name] is None and key in NULLABLE):
             raise ConfigError(f"{key}: {cfg[section][name]!r} is not one of {', '.join(options)}")
     for key, (test, what) in RULES.items():
         section, name = key.split(".")

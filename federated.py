@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+import benchmark as B
 import checkpoints
 import client as fl_client
 import config as C
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             C.check_resume_config(os.path.join(fl_server.latest_round(out_dir), "config.yaml"), cfg)
         clients = prepare.client_records(cfg)
         check(cfg, clients)
+        questions = B.questions_for(fc["benchmark"], fc["benchmark_limit"], cfg["model"]["cache_dir"])
         C.quiet_libraries()
         saved_config = os.path.join(out_dir, "config.yaml") if args.resume else None
         adapters = ["global"] + ([] if mode == "global_only" else ["local"])  # the most a client trains at once
@@ -96,6 +98,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"model {run.base_path} on {run.device} in {str(run.dtype).replace('torch.', '')}"
     )
 
+    def benchmark(rnd: int) -> dict[str, float]:  # federated.benchmark: the global adapter as the first client holds it
+        if not questions or not B.due(rnd, fc["rounds"], fc["benchmark_every"]):
+            return {}
+        return B.record(fc["benchmark"], sites[next(iter(sites))].benchmark(server.global_state, questions))
+
+    if start == 1 and (before := benchmark(0)):
+        logger.log(round=0, **before, communication_bytes=0)
+        print(
+            f"{fc['benchmark']} accuracy {before[fc['benchmark']]:.4f} on {before[fc['benchmark'] + '_n']} "
+            "questions before round 1 (the base: a fresh adapter changes nothing)"
+        )
     t_start = time.time()
     for rnd in range(start, fc["rounds"] + 1):
         if stop := server.over_budget(rnd):
@@ -128,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = fl_server.round_summary(
             rnd, tasks, failed, ok, t0, t_train, server.epsilon(rnd), server.report, rejected
         )
-        fl_server.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
+        fl_server.report_round(logger, rnd, fc["rounds"], views, rows, summary | benchmark(rnd), t_train)
 
         def save_clients(tmp: str) -> None:  # what each client keeps, in round_NNN/clients/<name>/
             for name, site in sites.items():
@@ -144,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             checkpoints.rng_state(),
         )
         records = C.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))  # a torn last line: skipped
-        fl_server.plot(out_dir, [r for r in records if "client" in r], views)
+        fl_server.plot(out_dir, records, views)
     print(f"done in {time.time() - t_start:.0f}s; checkpoints in {out_dir}")
 
 

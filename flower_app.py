@@ -544,6 +544,11 @@ def run(grid: Grid, context: Context) -> None:
     evaluate, checkpoint."""
     cfg = load_run_config(context.run_config)
     fc = cfg["federated"]
+    if fc["benchmark"]:  # the coordinator holds no model; the simulation's clients do
+        raise C.ConfigError(
+            "federated.benchmark is scored in the simulation (federated.py); in a deployment, score a round's "
+            "global adapter with: python infer.py config.yaml --benchmark mmlu --adapter <output_dir>/round_NNN/global"
+        )
     out_dir, timeout = fc["output_dir"], float(fc["round_timeout"])
     resume = bool(context.run_config.get("resume", False))
     previous = checkpoints.check_output_dir(
@@ -618,7 +623,7 @@ def run(grid: Grid, context: Context) -> None:
         fl_server.report_round(logger, rnd, fc["rounds"], views, rows, summary, t_train)
         fl_server.save_round(out_dir, rnd, server, adapter_cfg, cfg)
         records = C.read_jsonl(os.path.join(out_dir, "metrics.jsonl"))  # a torn last line: skipped
-        fl_server.plot(out_dir, [r for r in records if "client" in r], views)
+        fl_server.plot(out_dir, records, views)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"done; checkpoints in {out_dir}; the coordinator's peak memory {peak:.0f} MiB")
 

@@ -1,7 +1,7 @@
 """Try a fine-tuned model: chat with the base + adapters, answer one prompt, or predict a file and score it.
 
     python infer.py config.yaml [section.key=value ...] [--adapter DIR ...] [--adapter-weight W ...]
-                    [--prompt TEXT | --input FILE --output preds.jsonl]
+                    [--prompt TEXT | --input FILE --output preds.jsonl | --benchmark mmlu [--limit N]]
                     [--temperature T] [--top-p P] [--max-new-tokens N]
 
 The base loads as the config says (4-bit NF4, compute dtype, device), with zero, one or several adapters:
@@ -13,7 +13,10 @@ Prompts are rendered by data.py, the very code that built the training prompts.
                         (JSONL), plus exact match, ROUGE-L and contains (the reference's words occur in
                         the answer) against each record's output (a conversation: its last assistant turn,
                         answered from everything before it), printed and written to <output>.metrics.json
-    neither             an interactive multi-turn chat; /reset clears the history, /exit or Ctrl-D quits
+    --benchmark mmlu    MMLU 0-shot accuracy, overall and per category, by lm-evaluation-harness in this
+                        process (benchmark.py); --limit N: the first N questions of the file; with
+                        --output, one row a question there and the accuracies in <output>.metrics.json
+    none of them        an interactive multi-turn chat; /reset clears the history, /exit or Ctrl-D quits
 
 With no --adapter the base model answers alone: that is the baseline the adapters are measured against.
 --temperature 0 (the default) is greedy decoding; above 0, nucleus sampling with --top-p.
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+import benchmark as B
 import config as C
 import data as D
 import evaluation
@@ -99,17 +103,24 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--prompt", help="answer this one instruction and stop")
     ap.add_argument("--input", help="Alpaca, OpenAI-messages or ShareGPT JSON/JSONL file to predict and score")
-    ap.add_argument("--output", help="predictions JSONL for --input (metrics go to <output>.metrics.json)")
+    ap.add_argument(
+        "--output", help="predictions JSONL for --input or --benchmark (metrics go to <output>.metrics.json)"
+    )
+    ap.add_argument("--benchmark", choices=B.BENCHMARKS, help="score the model on a standard benchmark")
+    ap.add_argument("--limit", type=int, help="--benchmark: the first N questions only")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when temperature > 0")
     ap.add_argument("--max-new-tokens", type=int, default=256)
 
 
 def check_outputs(args: argparse.Namespace) -> str | None:
-    """Batch mode's two files: refused if either exists, and their folder must be creatable."""
-    if args.prompt is not None and args.input:
-        raise ValueError("--prompt and --input: give one or the other")
-    if bool(args.input) != bool(args.output):
+    """Batch mode's two files (and --benchmark's, if it has --output): refused if either exists, and
+    their folder must be creatable."""
+    if sum([args.prompt is not None, bool(args.input), bool(args.benchmark)]) > 1:
+        raise ValueError("--prompt, --input and --benchmark: give one of them")
+    if args.limit is not None and (not args.benchmark or args.limit < 1):
+        raise ValueError("--limit goes with --benchmark and needs a number >= 1")
+    if bool(args.input) != bool(args.output) and not args.benchmark:
         raise ValueError("--input and --output go together: predict the --input file into the --output JSONL")
     if not args.output:
         return None
@@ -124,6 +135,15 @@ def check_outputs(args: argparse.Namespace) -> str | None:
     return metrics_path
 
 
+def write_results(output: str, metrics_path: str, rows: list[dict], metrics: dict) -> None:
+    """One JSON line a row into `output`, the metrics into `metrics_path`; "x": never replace a file
+    that appeared meanwhile."""
+    with open(output, "x", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(metrics_path, "x") as f:
+        json.dump(metrics, f, indent=2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Load the base and the adapters, then answer --prompt, predict and score --input, or chat."""
     args = C.cli(__doc__.splitlines()[0], argv, add_arguments)
@@ -134,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         lora.check_adapters(args.adapter, args.adapter_weight)
         metrics_path = check_outputs(args)
         records = D.load_records(args.input, cfg["data"]["field_map"] or None) if args.input else None
+        if args.benchmark:  # lm-eval installed and the questions read before the model loads
+            B.require_lm_eval()
+            questions = B.mmlu_questions(cfg["model"]["cache_dir"], args.limit)
         C.quiet_libraries()
         model, tok, base_path, device, dtype = C.load_base(cfg, gradient_checkpointing=False)
         names = lora.load_adapters(model, args.adapter, args.adapter_weight)
@@ -152,16 +175,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         ids = D.encode(tok, D.render_prompt(tok, args.prompt, "", system_prompt))
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         evaluation.generate(model, tok, [ids], device, dtype, gen, streamer)
+    elif args.benchmark:
+        result, rows = B.mmlu(model, tok, questions, device, dtype)
+        if args.output:
+            result.update(benchmark=args.benchmark, base=base_path, adapters=args.adapter,
+                          adapter_weights=args.adapter_weight, dtype=str(dtype).replace("torch.", ""))  # fmt: skip
+            write_results(args.output, metrics_path, rows, result)
+        print(f"{args.benchmark}: {B.describe(result)}")
+        print(f"{args.benchmark} accuracy {result['accuracy']:.4f} on {result['n']} questions")
     elif args.input:
         answers = evaluation.predict(model, tok, records, system_prompt, device, dtype, gen)
         rows, metrics = evaluation.score(records, answers)
         metrics.update(
             file=args.input, base=base_path, adapters=args.adapter, adapter_weights=args.adapter_weight, **gen
         )
-        with open(args.output, "x", encoding="utf-8") as f:  # "x": never replace a file that appeared meanwhile
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        with open(metrics_path, "x") as f:
-            json.dump(metrics, f, indent=2)
+        write_results(args.output, metrics_path, rows, metrics)
         print(
             f"exact_match {metrics['exact_match']:.4f}  rouge_l {metrics['rouge_l']:.4f}  "
             f"contains {metrics['contains']:.4f}  over {metrics['n']} "

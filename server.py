@@ -154,8 +154,9 @@ class Server:
         instead; with aggregation stack, the stack with the uploads appended (fedavg.stack_lora). With
         fewer than federated.min_clients accepted it stays as it was. Returns whether it changed hands (the
         round's status). Sets `report`: what was accepted, rejected (client: reason) and each update's
-        norm, bytes per upload and per download, and where the uploads hold both factors, how far FedAvg
-        of them is from the exact mean of their products (fedavg_error)."""
+        norm, bytes per upload and per download, the training traffic of the run so far (the global adapter
+        to each sampled client, the accepted uploads back: communication_bytes), and where the uploads
+        hold both factors, how far FedAvg of them is from the exact mean of their products (fedavg_error)."""
         fc = self.cfg["federated"]
         checked = {c: self.check(c, *reply) for c, reply in replies.items()}
         rejected = {**(malformed or {}), **{c: why for c, (why, _) in checked.items() if why}}
@@ -186,7 +187,9 @@ class Server:
             self.global_state = self.optimizer.step(self.global_state, average)
         elif ok:
             self.global_state = self.optimizer.step(self.global_state, fedavg.weighted_average(uploads, weights))
-        self.history.append({"round": rnd, "sampled": sampled, "failed": failed, "rejected": rejected})
+        sent = self.report["bytes_per_download"] * len(sampled) + self.report["uploaded_bytes"]
+        self.history.append({"round": rnd, "sampled": sampled, "failed": failed, "rejected": rejected, "bytes": sent})
+        self.report["communication_bytes"] = sum(h.get("bytes", 0) for h in self.history)  # the run's, so far
         return ok
 
     def epsilon(self, rounds: int) -> float | None:
@@ -315,6 +318,10 @@ def report_round(
         f"{summary['seconds']:.1f}s ({t_train:.1f}s training){status}{left_out}"
     )
     print_table(rnd, rows, views)
+    if "benchmark" in summary:  # federated.benchmark, in a round it scores
+        name = summary["benchmark"]
+        print(f"  {name} accuracy {summary[name]:.4f} on {summary[name + '_n']} questions (global adapter); "
+              f"{summary['communication_bytes'] / 1e6:.3g} MB communicated so far")  # fmt: skip
     if "conflict_exact_match_global+local" in summary and summary["conflict_exact_match_global+local"] is not None:
         print(
             f"  conflicting prompts, exact match: global {summary['conflict_exact_match_global']:.2f}, "
@@ -333,7 +340,9 @@ def print_table(rnd: int, rows: dict[str, dict[str, dict[str, float | None]]], v
 
 
 def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
-    """metrics.png: each client's exact match over rounds, one panel per adapter view (if matplotlib)."""
+    """metrics.png (if matplotlib) from metrics.jsonl's records: each client's exact match over rounds,
+    one panel per adapter view, and with federated.benchmark, its accuracy per round, each point marked
+    with the megabytes communicated so far."""
     try:
         import matplotlib
 
@@ -341,13 +350,24 @@ def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(views), figsize=(5 * len(views), 3.5), squeeze=False)
-    for ax, view in zip(axes[0], views, strict=True):
+    scored = [r for r in records if "benchmark" in r]
+    panels = len(views) + bool(scored)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    records = [r for r in records if "client" in r]
+    for ax, view in zip(axes[0][: len(views)], views, strict=True):
         for client in sorted({r["client"] for r in records}):
             pts = [(r["round"], r["exact_match"]) for r in records if r["client"] == client and r["adapters"] == view]
             ax.plot(*zip(*pts, strict=True), marker="o", label=client)
         ax.set(title=view, xlabel="round", ylabel="exact match", ylim=(-0.02, 1.02))
     axes[0][0].legend()
+    if scored:
+        ax, benchmark = axes[0][-1], scored[-1]["benchmark"]
+        ax.plot([r["round"] for r in scored], [r[benchmark] for r in scored], marker="o", color="black")
+        for r in scored:
+            ax.annotate(f"{r['communication_bytes'] / 1e6:.3g} MB", (r["round"], r[benchmark]), fontsize=7,
+                        textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
+        n = scored[-1][f"{benchmark}_n"]
+        ax.set(title=f"{benchmark} (global adapter, {n} questions)", xlabel="round", ylabel="accuracy")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "metrics.png"), dpi=100)
     plt.close(fig)

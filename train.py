@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+import benchmark as B
 import checkpoints
 import config as C
 import data as D
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ckpt, state = checkpoints.read_checkpoint(out_dir, world)
             C.check_resume_config(os.path.join(ckpt, "config.yaml"), cfg)  # refuse a run that would differ
         records = prepare.train_records(cfg)
+        questions = B.questions_for(tc["benchmark"], tc["benchmark_limit"], cfg["model"]["cache_dir"])
         C.quiet_libraries()
         if world > 1:
             distributed.start_data_parallel(cfg["model"]["device"])
@@ -89,6 +91,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             tc["eval_max_new_tokens"], dc["system_prompt"],
         )  # fmt: skip
 
+    def benchmark(step: int) -> None:  # train.benchmark: knowledge kept or lost (every rank scores, rank 0 logs)
+        if questions and B.due(step, tc["max_steps"], tc["benchmark_every"]):
+            result, _ = B.mmlu(model, tok, questions, device, dtype)
+            logger.log(step=step, **B.record(tc["benchmark"], result))
+            print(f"step {step}: {tc['benchmark']} accuracy {result['accuracy']:.4f} on {result['n']} questions "
+                  f"({B.describe(result)})")  # fmt: skip
+
     step = 0
     if args.resume:
         lora.load_adapter(model, os.path.join(ckpt, "adapter"), "default")
@@ -103,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics = evaluate()
         logger.log(step=0, **metrics)
         print(f"step 0: {evaluation.describe(metrics)} (before training)")
+    if not args.resume:
+        benchmark(0)
 
     # One shared order of micro-batches, dealt out to the ranks; a resumed run skips what it has trained on
     batches = trainer.batch_stream(
@@ -147,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             metrics = evaluate()
             logger.log(step=step, **metrics)
             tqdm.write(f"step {step}: {evaluation.describe(metrics)}")
+        if step < tc["max_steps"]:
+            benchmark(step)
         if (tc["save_every"] and step % tc["save_every"] == 0) or step == tc["max_steps"]:
             rngs = distributed.all_gather(checkpoints.rng_state())  # every rank's, to resume its own dropout
             if rank == 0:
@@ -159,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics = evaluate()
         logger.log(step=step, **metrics)
         print(f"step {step}: {evaluation.describe(metrics)} (end of training)")
+    benchmark(step)
     if rank == 0:
         final = os.path.join(out_dir, "adapter")
         checkpoints.write_atomically(final, lambda tmp: lora.save_adapter(model, tmp, "default", run.base_path))
