@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -176,12 +177,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         evaluation.generate(model, tok, [ids], device, dtype, gen, streamer)
     elif args.benchmark:
+        t0 = time.time()
         result, rows = B.mmlu(model, tok, questions, device, dtype)
+        result["seconds"] = round(time.time() - t0, 1)
         if args.output:
             result.update(benchmark=args.benchmark, base=base_path, adapters=args.adapter,
                           adapter_weights=args.adapter_weight, dtype=str(dtype).replace("torch.", ""))  # fmt: skip
             write_results(args.output, metrics_path, rows, result)
-        print(f"{args.benchmark}: {B.describe(result)}")
+        print(f"{args.benchmark}: {B.describe(result)}; scored in {result['seconds']:.0f} s")
         print(f"{args.benchmark} accuracy {result['accuracy']:.4f} on {result['n']} questions")
     elif args.input:
         answers = evaluation.predict(model, tok, records, system_prompt, device, dtype, gen)

@@ -379,7 +379,7 @@ def test_chat_from_a_pipe_exits_cleanly(stdin, cache_dir, tmp_path):
         ("metrics_exist", "preds.metrics.json already exists"),
         ("dora_weight", "a DoRA adapter cannot be weighted"),
         ("weight_count", "2 adapter weights for 1 adapters"),
-        ("prompt_and_input", "--prompt and --input: give one or the other"),
+        ("prompt_and_input", "--prompt, --input and --benchmark: give one of them"),
         ("input_no_output", "--input and --output go together"),
         ("temperature", "need --temperature >= 0"),
         ("missing_data", "nope.json: file not found"),
