@@ -363,11 +363,14 @@ def plot(out_dir: str, records: list[dict[str, Any]], views: list[str]) -> None:
     if scored:
         ax, benchmark = axes[0][-1], scored[-1]["benchmark"]
         ax.plot([r["round"] for r in scored], [r[benchmark] for r in scored], marker="o", color="black")
+        ax.axhline(0.25, linestyle="--", color="gray", linewidth=1)  # chance: one of four letters
         for r in scored:
             ax.annotate(f"{r['communication_bytes'] / 1e6:.3g} MB", (r["round"], r[benchmark]), fontsize=7,
                         textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
         n = scored[-1][f"{benchmark}_n"]
         ax.set(title=f"{benchmark} (global adapter, {n} questions)", xlabel="round", ylabel="accuracy")
+    for ax in axes[0]:
+        ax.xaxis.get_major_locator().set_params(integer=True)  # rounds are whole numbers
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "metrics.png"), dpi=100)
     plt.close(fig)
