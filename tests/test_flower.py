@@ -501,3 +501,25 @@ def test_bad_run_config_gives_one_clear_line(run_config, message, capsys):
         flower_app.main(None, types.SimpleNamespace(run_config=run_config))
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_the_app_ships_every_project_module_it_imports():
+    """`flwr run .` packs only pyproject's fab-include: a module flower_app reaches that is not listed fails
+    at every site with Flower's exit code 607, which only the slow deployments would show."""
+    import ast
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        shipped = set(tomllib.load(f)["tool"]["flwr"]["app"]["fab-include"])
+    ours = {n[:-3] for n in os.listdir(ROOT) if n.endswith(".py")}
+    reached, todo = set(), ["flower_app"]
+    while todo:
+        name = todo.pop()
+        reached.add(name)
+        with open(os.path.join(ROOT, name + ".py")) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):  # top-level and function-level imports alike
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            todo += [n for n in names if n in ours and n not in reached and n not in todo]
+    assert {f"/{n}.py" for n in reached} <= shipped, sorted({f"/{n}.py" for n in reached} - shipped)
