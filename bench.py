@@ -3,9 +3,10 @@ machine noise hits them alike.
 
     python bench.py --hidden 512 --layers 4 --vocab 32000 --compare-peft [--dora] [--json]
     python bench.py --preset 7b --seq 1024 --batch 1 --compare-peft     # on a GPU
+    python bench.py --compare-peft --profile --dtype float32           # where a step's time goes
     python bench.py --layer --compare-peft                             # one NF4 linear layer
     python bench.py --packing --seq 1024 --batch 8                     # padded vs grouped vs packed
-    python bench.py --loss                                             # loss.py's chunks vs full logits
+    python bench.py --loss --repeats 2                                 # loss.py's chunks vs full logits
     python bench.py --stack-merge runs/federated/round_012             # stack merged into NF4: its error
 
 The model benchmark trains a random-init Qwen2-architecture model (built once, cached on disk) with
@@ -24,9 +25,10 @@ uses: padded in random order, padded with data.group_by_length, and packed (data
 counts the examples' own tokens, not the padding.
 
 --loss measures the loss alone: one forward + backward of loss.linear_cross_entropy against the plain
-F.cross_entropy(h @ W.T) on the full logits (upcast to fp32, as transformers does), for Qwen2.5-7B's head
-(hidden 3584, vocab 152,064, frozen) and 4 x 1024 labelled tokens, in fp32 and bf16, each in a process
-of its own: peak memory above the inputs, and time.
+F.cross_entropy(h @ W.T) on the full logits (upcast to fp32, as transformers does), for the frozen output
+layers of Qwen2.5-7B (hidden 3584, vocab 152,064), Llama 2 (4096, 32,000) and SmolLM2 (576, 49,152), or
+the one --hidden and --vocab give, and 4 x 1024 labelled tokens, in fp32 and bf16, each in a process of
+its own: peak memory above the inputs, and time.
 
 peft is used here only as the reference we compare against.
 """
@@ -367,7 +369,10 @@ def worker(
     peak_reset(device)
     conn.send(("ready", str(dtype).replace("torch.", ""), device.type))
     i = 0
-    while conn.recv() == "step":
+    while (message := conn.recv()) in ("step", "profile"):
+        if message == "profile":
+            conn.send(profile_steps(step, batches[0][0], args.steps))
+            continue
         batch, tokens = batches[i % len(batches)]
         batch = {k: v.to(device) for k, v in batch.items()}
         i += 1
@@ -379,6 +384,29 @@ def worker(
             torch.cuda.synchronize()
         conn.send((time.perf_counter() - t, tokens))
     conn.send(peak_mib(device))
+
+
+def profile_steps(step: Callable, batch: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """torch.profiler over `steps` training steps: each op's self CPU time in ms per step (CPU ops only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(batch)
+    return {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+
+
+def print_profile(profiles: dict[tuple[str, str], dict[str, float]], top: int = 18) -> None:
+    """The ops that take the most self CPU time, ms per step, one column per implementation."""
+    runs = list(profiles)
+    totals = {run: sum(p.values()) for run, p in profiles.items()}
+    keys = sorted({k for p in profiles.values() for k in p}, key=lambda k: -max(p.get(k, 0) for p in profiles.values()))
+    print("self CPU time per step under torch.profiler, ms (share of the step)")
+    print(f"{'op':<56}" + "".join(f"{' '.join(run):>22}" for run in runs))
+    for key in keys[:top] + ["(all ops)"]:
+        cells = [totals[run] if key == "(all ops)" else profiles[run].get(key, 0.0) for run in runs]
+        shares = zip(cells, runs, strict=True)
+        print(f"{key[:55]:<56}" + "".join(f"{c:>12.1f} ({c / totals[r]:4.0%})  " for c, r in shares))
 
 
 LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sharegpt_lengths.json")
@@ -451,26 +479,37 @@ def write_lengths(source: str, cache_dir: str, out: str = LENGTHS) -> None:
     print(f"{out}: {len(lengths)} conversations ({skipped} left out), median {int(np.median(lengths))} tokens")
 
 
-LOSS_CHUNKS = {"plain": None, "chunks of 2^22": 2**22, "chunks of 2^25": 2**25}  # logits per chunk
+LOSS_SHAPES = {"Qwen2.5-7B": (3584, 152064), "Llama-2-7B": (4096, 32000), "SmolLM2-135M": (576, 49152)}
+LOSS_IMPLS = ("full logits", "chunks, loss.py's rule", "chunks of 2^22 logits")  # the last: the CPU rule until 2026-12
 
 
-def loss_worker(impl: str, dtype_name: str, args: argparse.Namespace, conn: Connection) -> None:
+def loss_rows(impl: str, hidden: int, vocab: int, device: torch.device) -> int | None:
+    """The rows per chunk of one --loss implementation (None: the full logits)."""
+    import loss as L
+
+    if impl == "full logits":
+        return None
+    return L.default_chunk_rows(device, vocab, hidden) if impl.startswith("chunks, ") else max(1, 2**22 // vocab)
+
+
+def loss_worker(impl: str, shape: tuple[int, int], dtype_name: str, args: argparse.Namespace, conn: Connection) -> None:
     """One loss implementation in its own process: (seconds of forward + backward, peak MiB above the inputs)."""
     import loss as L
 
     device = M.resolve_device(args.device)
-    dtype = getattr(torch, dtype_name)
+    dtype, (hidden_size, vocab) = getattr(torch, dtype_name), shape
     g = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(args.tokens, args.hidden, generator=g) / 8).to(device, dtype).requires_grad_()
-    weight = (torch.randn(args.vocab, args.hidden, generator=g) / 8).to(device, dtype)  # a frozen lm_head
-    labels = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(device)
+    hidden = (torch.randn(args.tokens, hidden_size, generator=g) / 8).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=g) / 8).to(device, dtype)  # a frozen lm_head
+    labels = torch.randint(0, vocab, (args.tokens,), generator=g).to(device)
+    rows = loss_rows(impl, hidden_size, vocab, device)
     peak_reset(device)
     base = peak_mib(device)
     t = time.perf_counter()
-    if impl == "plain":
+    if rows is None:
         total = F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
     else:
-        total, _ = L.linear_cross_entropy(hidden, weight, labels, chunk_elements=LOSS_CHUNKS[impl])
+        total, _ = L.linear_cross_entropy(hidden, weight, labels, chunk_rows=rows)
     total.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -526,24 +565,41 @@ def stack_merge(round_dir: str) -> None:
 
 
 def bench_loss(args: argparse.Namespace) -> None:
-    """The loss alone, plain against chunked (at CPU's and GPU's default chunk), fp32 and bf16; one process
-    each, one after the other."""
+    """The loss alone, the full logits against loss.py's chunks (its rule, and the earlier 2^22 logits), for
+    each output layer in LOSS_SHAPES (or --hidden/--vocab), fp32 and bf16; each in a process of its own,
+    the implementations taking turns --repeats times (the median is printed, and its ratio to the full
+    logits')."""
     ctx = mp.get_context("spawn")
+    device = M.resolve_device(args.device)
+    shapes = {f"hidden {args.hidden}, vocab {args.vocab}": (args.hidden, args.vocab)} if args.hidden else LOSS_SHAPES
     print(
-        f"loss alone: hidden {args.hidden}, vocab {args.vocab}, {args.tokens} labelled tokens, frozen output "
-        "weight; one forward + backward; peak above the inputs"
+        f"loss alone: {args.tokens} labelled tokens, frozen output weight; one forward + backward; peak memory "
+        f"above the inputs; median of {args.repeats}, implementations alternating"
     )
-    for dtype_name in ("float32", "bfloat16"):
-        for impl in LOSS_CHUNKS:
-            here, there = ctx.Pipe()
-            proc = ctx.Process(target=loss_worker, args=(impl, dtype_name, args, there), daemon=True)
-            proc.start()
-            seconds, peak = here.recv()
-            proc.join()
-            row = {"impl": impl, "dtype": dtype_name, "seconds": round(seconds, 2), "peak_mib": round(peak, 1)}
-            print(
-                json.dumps(row) if args.json else f"{impl:>15} {dtype_name:>8}: {seconds:7.2f} s  peak {peak:8.0f} MiB"
-            )
+    for name, shape in shapes.items():
+        for dtype_name in ("float32", "bfloat16"):
+            runs = {impl: [] for impl in LOSS_IMPLS}
+            for rep in range(args.repeats):
+                for impl in LOSS_IMPLS if rep % 2 == 0 else LOSS_IMPLS[::-1]:
+                    here, there = ctx.Pipe()
+                    proc = ctx.Process(target=loss_worker, args=(impl, shape, dtype_name, args, there), daemon=True)
+                    proc.start()
+                    runs[impl].append(here.recv())
+                    proc.join()
+            full_s, full_peak = (statistics.median(x) for x in zip(*runs["full logits"], strict=True))
+            for impl, results in runs.items():
+                seconds, peak = (statistics.median(x) for x in zip(*results, strict=True))
+                rows = loss_rows(impl, *shape, device)
+                row = {"model": name, "impl": impl, "rows": rows, "dtype": dtype_name, "seconds": round(seconds, 2),
+                       "peak_mib": round(peak, 1), "time_vs_full": round(seconds / full_s, 3),
+                       "peak_vs_full": round(peak / full_peak, 3)}  # fmt: skip
+                print(
+                    json.dumps(row)
+                    if args.json
+                    else f"{name:>14} {dtype_name:>8} {impl:>22} ({rows or 'all'} rows): {seconds:7.2f} s "
+                    f"({seconds / full_s:.2f}x)  peak {peak:6.0f} MiB ({peak / full_peak:.3f}x)",
+                    flush=True,
+                )
 
 
 def model_flops_per_token(shape: dict[str, int | bool], args: argparse.Namespace) -> float:
@@ -594,6 +650,12 @@ def bench_model(args: argparse.Namespace) -> None:
     peak_tflops = args.peak_tflops or next(
         (v for k, v in GPU_PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None
     )
+    if args.profile:
+        profiles = {}
+        for run in runs:
+            conns[run].send("profile")
+            profiles[run] = conns[run].recv()
+        print_profile(profiles)
     rows = {}
     for run in runs:
         conns[run].send("stop")
@@ -681,12 +743,14 @@ def main() -> None:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--compile", action="store_true", help="also run ours with torch.compile'd decoder layers")
     ap.add_argument("--compare-peft", action="store_true", help="also run PEFT, alternating with ours")
+    ap.add_argument("--profile", action="store_true", help="then --steps more steps each under torch.profiler")
     ap.add_argument("--json", action="store_true", help="one JSON line per implementation, then the ratios")
     ap.add_argument("--peak-tflops", type=float, default=0, help="the device's bf16 peak, for MFU")
     ap.add_argument("--cache-dir", default=".cache")
     ap.add_argument("--packing", action="store_true", help="ragged examples: padded vs grouped vs packed")
     ap.add_argument("--loss", action="store_true", help="the loss alone: loss.py's chunks vs the full logits")
     ap.add_argument("--tokens", type=int, default=4096, help="--loss: labelled tokens")
+    ap.add_argument("--repeats", type=int, default=1, help="--loss: runs of each implementation (median)")
     ap.add_argument("--examples", type=int, default=128, help="--packing: examples in the epoch")
     ap.add_argument("--lengths", default=LENGTHS, help="--packing: a JSON file with a list of token counts")
     ap.add_argument("--write-lengths", metavar="SHAREGPT_JSON", help="make data/sharegpt_lengths.json, then stop")
@@ -694,8 +758,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.stack_merge:
         return stack_merge(args.stack_merge)
-    if args.loss:
-        args.hidden, args.vocab = args.hidden or 3584, 152064 if args.vocab == 32000 else args.vocab
+    if args.loss:  # Qwen2.5-7B's, Llama 2's and SmolLM2's output layers, or the one given
         return bench_loss(args)
     if args.write_lengths:
         return write_lengths(args.write_lengths, args.cache_dir)

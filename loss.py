@@ -11,7 +11,7 @@ full_logits_cross_entropy below is that plain form, the definition of what we co
 is an optimization of it (linear_cross_entropy), and tests/test_loss.py ties the two together.
 
 What is computed instead. Only positions with a label go through lm_head (labels == -100 are dropped
-first), in chunks of a few rows. For a chunk of hidden states h (n, H), the output weight W (V, H) and
+first), a chunk of rows at a time. For a chunk of hidden states h (n, H), the output weight W (V, H) and
 bias b, the model's own logits (what transformers' *ForCausalLM computes after lm_head) are
 
     z = scale * (h W^T + b)                  scale: Cohere's logit_scale, 1 / Granite's logits_scaling
@@ -37,8 +37,10 @@ Precision: under bf16 autocast the matmuls run in bf16, the logits are taken to 
 the loss is accumulated in fp32. tests/test_loss.py checks loss and gradients against float64
 F.cross_entropy for plain, scaled and soft-capped logits, with ignored labels, in fp32 and bf16.
 
-The chunk is chunk_elements logits (chunk_elements / V rows, default_chunk_elements); its time and memory
-against the full logits, and why those defaults, are measured in docs/performance.md (`python bench.py --loss`).
+The chunk is a number of rows (default_chunk_rows: a few hundred on a CPU for a 7B model's head); its time
+and memory against the full logits, and why that rule, are measured in docs/performance.md
+(`python bench.py --loss`). Each chunk takes one exp pass over its logits: exp(logits - max) gives both
+the log-sum-exp (its row sums) and, divided by them in place, the softmax of the gradient.
 """
 
 import torch
@@ -91,7 +93,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         labels: torch.Tensor,
-        chunk_size: int,
+        chunk_rows: int,
         scale: float = 1.0,
         softcap: float | None = None,
         bias: torch.Tensor | None = None,
@@ -103,29 +105,36 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for i in range(0, labels.numel(), chunk_size):
-            h, y = hidden[i : i + chunk_size], labels[i : i + chunk_size]
+        for i in range(0, labels.numel(), chunk_rows):
+            h, y = hidden[i : i + chunk_rows], labels[i : i + chunk_rows]
             out = F.linear(h, weight, bias)  # (n, V), the compute dtype under autocast
-            probs = out.float()  # the logits, in fp32; softmax and then its gradient, in place, below
+            compute_dtype = out.dtype
+            probs = out.float()  # the logits in fp32 (out itself if it is fp32); turned into d CE / d logits in place
+            del out
             if scale != 1:
-                probs = probs * scale
+                probs.mul_(scale)
             if softcap is not None:
-                probs = softcap * torch.tanh(probs / softcap)
-            lse = torch.logsumexp(probs, dim=-1)
-            total += (lse - probs.gather(1, y[:, None]).squeeze(1)).sum()
+                probs.div_(softcap).tanh_().mul_(softcap)
+            target = probs.gather(1, y[:, None])  # (n, 1)
+            top = probs.amax(dim=1, keepdim=True)
+            factor = None if softcap is None else 1 - (probs / softcap).square()  # before probs is overwritten
+            probs.sub_(top).exp_()  # exp(logits - max): the one exp pass, for the loss and its gradient alike
+            norm = probs.sum(dim=1, keepdim=True)
+            total += (top + norm.log() - target).sum()  # logsumexp - the target's logit, summed over the rows
             if want_h or want_w:
-                factor = None if softcap is None else 1 - (probs / softcap).square()  # before probs is overwritten
-                probs.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs.div_(norm)  # softmax
                 probs[torch.arange(len(y), device=y.device), y] -= 1  # d CE / d logits
                 if factor is not None:
                     probs.mul_(factor)
                 if scale != 1:
                     probs.mul_(scale)  # now d CE / d (hidden @ weight.T)
-                g = probs.to(out.dtype)
+                g = probs.to(compute_dtype)  # probs itself in fp32
                 if want_h:
-                    grad_h[i : i + chunk_size] = g @ weight
+                    grad_h[i : i + chunk_rows] = g @ weight
                 if want_w:
                     grad_w += g.t() @ h
+                del g
+            del probs, factor  # before the next chunk's logits exist: one chunk's (n, V) at a time, not two
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
@@ -138,14 +147,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (
             None if grad_h is None else (grad_h * grad_total).to(h_dtype),
             None if grad_w is None else (grad_w * grad_total).to(w_dtype),
-            *(None,) * 5,  # labels, chunk_size, scale, softcap, bias
+            *(None,) * 5,  # labels, chunk_rows, scale, softcap, bias
         )
 
 
-def default_chunk_elements(device: torch.device) -> int:
-    """2^22 logits per chunk on a CPU (in cache: a whole training step measured 4% to 14% faster than with
-    2^25), 2^25 on a GPU (large lm_head matmuls)."""
-    return 2**22 if device.type == "cpu" else 2**25
+def default_chunk_rows(device: torch.device, vocab: int, hidden: int) -> int:
+    """Rows (labelled tokens) per chunk. On a CPU, hidden / 4 rows, kept between 2^22 and 2^26 logits
+    (16 and 256 MiB in fp32). A large model's head needs long chunks: its matmuls are the cost, and a chunk
+    of a few dozen rows streams the whole weight matrix for little work. A small model's needs short ones:
+    its softmax passes cost as much as its matmuls, and run faster in cache. The upper bound keeps the
+    chunk's memory a small part of the full logits'. Chosen by measurement (docs/performance.md,
+    `python bench.py --loss`). On a GPU, 2^25 / vocab rows (128 MiB of fp32 logits), not measured here."""
+    if device.type == "cpu":
+        return max(2**22 // vocab, min(hidden // 4, 2**26 // vocab), 1)
+    return max(2**25 // vocab, 1)
 
 
 def linear_cross_entropy(
@@ -155,7 +170,7 @@ def linear_cross_entropy(
     scale: float = 1.0,
     softcap: float | None = None,
     bias: torch.Tensor | None = None,
-    chunk_elements: int | None = None,
+    chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropies over the positions whose label is not -100, their number) for the logits
     transform(hidden @ weight.T + bias). hidden (..., H) and labels (...) are aligned: position i is
@@ -163,9 +178,8 @@ def linear_cross_entropy(
     the sum is 0 and its gradients are zero."""
     keep = labels != IGNORE_INDEX
     hidden, labels = hidden[keep], labels[keep]  # (N, H), (N,)
-    chunk_elements = chunk_elements or default_chunk_elements(hidden.device)
-    chunk = max(1, chunk_elements // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden, weight, labels, chunk, scale, softcap, bias), labels.numel()
+    chunk_rows = chunk_rows or default_chunk_rows(hidden.device, *weight.shape)
+    return LinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, scale, softcap, bias), labels.numel()
 
 
 def logit_transform(config: object) -> tuple[float, float | None]:
@@ -183,19 +197,19 @@ def logit_transform(config: object) -> tuple[float, float | None]:
 
 
 def loss_sum(
-    model: nn.Module, batch: dict[str, torch.Tensor], chunk_elements: int | None = None
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropies over the positions with a label, their number) of a transformers
     causal LM on a batch of input_ids and labels (aligned with input_ids; position t predicts token
     t + 1), plus attention_mask (padded) or position_ids (packed). The model's decoder runs as usual; only
-    the labelled positions go through lm_head and the model's logit transform, in chunks of at most
-    chunk_elements logits (default_chunk_elements)."""
+    the labelled positions go through lm_head and the model's logit transform, chunk_rows of them at a
+    time (default_chunk_rows)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     scale, softcap = logit_transform(model.config)
     return linear_cross_entropy(
-        hidden[:, :-1], head.weight, batch["labels"][:, 1:], scale, softcap, head.bias, chunk_elements
+        hidden[:, :-1], head.weight, batch["labels"][:, 1:], scale, softcap, head.bias, chunk_rows
     )
 
 

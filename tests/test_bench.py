@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"impl", "variant", "dtype", "device", "tokens_per_s", "step_s", "peak_mib"}
 
 
-def bench(tmp_path, *args):
+def bench(tmp_path, *args, text=False):
     out = subprocess.run(
         [
             sys.executable,
@@ -41,7 +41,7 @@ def bench(tmp_path, *args):
         timeout=seconds(300),
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return out.stdout if text else [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def test_bench_ours_alone(tmp_path):
@@ -98,3 +98,24 @@ def test_ragged_batches_hold_the_same_examples_in_every_layout():
             packed["input_ids"][packed["input_ids"] != 0].tolist()
         )
         assert packed["input_ids"].numel() <= padded["input_ids"].numel()
+
+
+def test_bench_profile_lists_the_ops_of_a_step(tmp_path):
+    out = bench(tmp_path, "--profile", text=True)
+    table = out[out.index("self CPU time per step") :].splitlines()
+    assert "ours lora" in table[1]
+    end = next(i for i, line in enumerate(table) if line.startswith("(all ops)"))
+    ops = {line[:56].strip(): float(line[56:].split()[0]) for line in table[2 : end + 1]}
+    assert 0 < ops["aten::mm"] <= ops["(all ops)"]
+
+
+def test_bench_loss_rows_and_ratios(tmp_path):
+    rows = bench(tmp_path, "--loss", "--tokens", "100", "--repeats", "2")
+    assert [(r["dtype"], r["impl"]) for r in rows] == [
+        (d, i)
+        for d in ("float32", "bfloat16")
+        for i in ("full logits", "chunks, loss.py's rule", "chunks of 2^22 logits")
+    ]
+    assert all(r["model"] == "hidden 64, vocab 300" and r["seconds"] > 0 for r in rows)
+    assert [r["rows"] for r in rows[:3]] == [None, 2**22 // 300, 2**22 // 300]  # 13,981 rows: one chunk here
+    assert all(r["time_vs_full"] == 1.0 and r["peak_vs_full"] == 1.0 for r in rows if r["rows"] is None)

@@ -44,7 +44,7 @@ def relative(a, b):
 @pytest.mark.parametrize("chunk_rows", [1, 3, 5, 100])  # 10 labelled rows: 3 and 5 leave a short last chunk
 def test_loss_and_gradients_equal_float64_cross_entropy_in_fp32(scale, softcap, chunk_rows):
     hidden, weight, bias, labels = problem(torch.float32)
-    total, n = L.linear_cross_entropy(hidden, weight, labels, scale, softcap, bias, chunk_rows * weight.shape[0])
+    total, n = L.linear_cross_entropy(hidden, weight, labels, scale, softcap, bias, chunk_rows)
     grads = torch.autograd.grad(3.0 * total, [hidden, weight])  # an upstream factor, as from "/ n_tokens"
     ref, ref_grads = reference(hidden, weight, bias, labels, scale, softcap)
     assert n == 10 and total.dtype == torch.float32
@@ -58,7 +58,7 @@ def test_loss_and_gradients_in_bf16_within_its_rounding(scale, softcap):
     """bf16 inputs, as under bf16 autocast: the loss (accumulated in fp32) and both gradients within bf16
     rounding of the float64 reference on the same (bf16-representable) values."""
     hidden, weight, bias, labels = problem(torch.bfloat16, n=40, h=32, v=50, ignored=range(0, 40, 3))
-    total, n = L.linear_cross_entropy(hidden, weight, labels, scale, softcap, bias, 7 * 50)
+    total, n = L.linear_cross_entropy(hidden, weight, labels, scale, softcap, bias, 7)
     grads = torch.autograd.grad(total, [hidden, weight])
     ref, ref_grads = reference(hidden, weight, bias, labels, scale, softcap)
     assert n == 26 and total.dtype == torch.float32
@@ -77,7 +77,7 @@ def test_chunked_loss_equals_the_full_logits_form(dtype, scale, softcap, chunk_r
     and the plain form in one bf16 matmul)."""
     hidden, weight, bias, labels = problem(dtype, n=40, h=32, v=50, ignored=range(0, 40, 3))
     hidden, weight, labels = hidden.reshape(4, 10, 32), weight, labels.reshape(4, 10)  # a (batch, time) shape
-    total, n = L.linear_cross_entropy(hidden, weight, labels, scale, softcap, bias, chunk_rows * 50)
+    total, n = L.linear_cross_entropy(hidden, weight, labels, scale, softcap, bias, chunk_rows)
     plain, plain_n = L.full_logits_cross_entropy(hidden, weight, labels, scale, softcap, bias)
     grads = torch.autograd.grad(2.0 * total, [hidden, weight])
     plain_grads = torch.autograd.grad(2.0 * plain, [hidden, weight])
@@ -85,6 +85,29 @@ def test_chunked_loss_equals_the_full_logits_form(dtype, scale, softcap, chunk_r
     assert relative(total, plain) <= 1e-6
     for g, r in zip(grads, plain_grads, strict=True):
         assert g.dtype == r.dtype == dtype and relative(g, r) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("h, rows", [(48, 64), (400, 100)])  # 2^22 / vocab rows; hidden / 4 rows
+def test_the_default_chunk_rule_on_a_cpu_keeps_loss_and_gradients(h, rows):
+    """default_chunk_rows on a CPU: hidden / 4 rows within 2^22 to 2^26 logits; with a 65,536-word
+    vocabulary and 250 rows (200 labelled) the lower bound and hidden / 4 both cut the rows into several
+    chunks, and the sum and gradients equal float64 F.cross_entropy on the full logits."""
+    hidden, weight, bias, labels = problem(torch.float32, n=250, h=h, v=2**16, ignored=range(0, 250, 5))
+    assert L.default_chunk_rows(torch.device("cpu"), 2**16, h) == rows < 200
+    total, n = L.linear_cross_entropy(hidden, weight, labels, 0.25, 30.0, bias)
+    grads = torch.autograd.grad(total, [hidden, weight])
+    ref, ref_grads = reference(hidden, weight, bias, labels, 0.25, 30.0)
+    assert n == 200 and relative(total, ref) <= 1e-6
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert relative(g, r) <= 1e-5
+
+
+def test_the_default_chunk_rule_bounds_a_chunk_to_2_22_to_2_26_logits():
+    cpu = torch.device("cpu")
+    assert L.default_chunk_rows(cpu, 152064, 3584) == 2**26 // 152064  # Qwen2.5-7B: 441 rows, not 896
+    assert L.default_chunk_rows(cpu, 32000, 512) == 2**22 // 32000  # 131 rows, not 128
+    assert L.default_chunk_rows(cpu, 49152, 576) == 576 // 4  # SmolLM2: between the bounds
+    assert L.default_chunk_rows(cpu, 2**30, 64) == 1
 
 
 def test_no_labelled_token_gives_zero_and_zero_gradients():
@@ -133,7 +156,7 @@ def test_loss_sum_equals_the_models_own_loss_and_check_loss_passes(gemma2):
     labels = ids.clone()
     labels[:, :5] = L.IGNORE_INDEX  # the prompts
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-    total, n = L.loss_sum(gemma2, batch, chunk_elements=4 * 97)
+    total, n = L.loss_sum(gemma2, batch, chunk_rows=4)
     assert n == 3 * 7  # positions 5 to 11 of each row
     assert relative(total / n, gemma2(**batch).loss) <= 1e-5
     L.check_loss(gemma2, ids[0].tolist(), labels[0].tolist())

@@ -73,7 +73,7 @@ def test_chunked_loss_equals_full_cross_entropy(cache_dir):
         ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
         n_ref = int((batch["labels"][:, 1:] != -100).sum())
         for chunk in (1, 7, 1024):  # chunk boundaries must not matter
-            total, n = L.loss_sum(model, batch, chunk_elements=chunk * model.config.vocab_size)
+            total, n = L.loss_sum(model, batch, chunk_rows=chunk)
             assert n == n_ref
             torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
 
@@ -85,7 +85,7 @@ def test_chunked_loss_gradients_equal_full_cross_entropy(cache_dir):
         for p in lora.adapter_parameters(model, "default"):
             p.add_(torch.randn_like(p) * 0.05)
     batch = demo_batch(tok)
-    total, _ = L.loss_sum(model, batch, chunk_elements=5 * model.config.vocab_size)
+    total, _ = L.loss_sum(model, batch, chunk_rows=5)
     ours = torch.autograd.grad(total, list(lora.adapter_parameters(model, "default")))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ref_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
