@@ -368,9 +368,10 @@ def worker(
         batches = [(batch, args.batch * args.seq)]
     peak_reset(device)
     conn.send(("ready", str(dtype).replace("torch.", ""), device.type))
-    i = 0
+    i, peak = 0, None
     while (message := conn.recv()) in ("step", "profile"):
-        if message == "profile":
+        if message == "profile":  # after the timed steps: their peak memory is kept, the profiler's left out
+            peak = peak_mib(device)
             conn.send(profile_steps(step, batches[0][0], args.steps))
             continue
         batch, tokens = batches[i % len(batches)]
@@ -383,7 +384,7 @@ def worker(
         if device.type == "cuda":
             torch.cuda.synchronize()
         conn.send((time.perf_counter() - t, tokens))
-    conn.send(peak_mib(device))
+    conn.send(peak_mib(device) if peak is None else peak)
 
 
 def profile_steps(step: Callable, batch: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
@@ -402,7 +403,7 @@ def print_profile(profiles: dict[tuple[str, str], dict[str, float]], top: int = 
     totals = {run: sum(p.values()) for run, p in profiles.items()}
     keys = sorted({k for p in profiles.values() for k in p}, key=lambda k: -max(p.get(k, 0) for p in profiles.values()))
     print("self CPU time per step under torch.profiler, ms (share of the step)")
-    print(f"{'op':<56}" + "".join(f"{' '.join(run):>22}" for run in runs))
+    print(f"{'op':<56}" + "".join(f"{' '.join(run):>21}" for run in runs))
     for key in keys[:top] + ["(all ops)"]:
         cells = [totals[run] if key == "(all ops)" else profiles[run].get(key, 0.0) for run in runs]
         shares = zip(cells, runs, strict=True)
@@ -590,14 +591,15 @@ def bench_loss(args: argparse.Namespace) -> None:
             for impl, results in runs.items():
                 seconds, peak = (statistics.median(x) for x in zip(*results, strict=True))
                 rows = loss_rows(impl, *shape, device)
-                row = {"model": name, "impl": impl, "rows": rows, "dtype": dtype_name, "seconds": round(seconds, 2),
-                       "peak_mib": round(peak, 1), "time_vs_full": round(seconds / full_s, 3),
-                       "peak_vs_full": round(peak / full_peak, 3)}  # fmt: skip
+                peak_ratio = peak / full_peak if full_peak > 0 else float("nan")  # a tiny shape may add no RSS
+                row = {"model": name, "impl": impl, "rows": rows, "dtype": dtype_name, "device": device.type,
+                       "seconds": round(seconds, 2), "peak_mib": round(peak, 1),
+                       "time_vs_full": round(seconds / full_s, 3), "peak_vs_full": round(peak_ratio, 3)}  # fmt: skip
                 print(
                     json.dumps(row)
                     if args.json
                     else f"{name:>14} {dtype_name:>8} {impl:>22} ({rows or 'all'} rows): {seconds:7.2f} s "
-                    f"({seconds / full_s:.2f}x)  peak {peak:6.0f} MiB ({peak / full_peak:.3f}x)",
+                    f"({seconds / full_s:.2f}x)  peak {peak:6.0f} MiB ({peak_ratio:.3f}x)",
                     flush=True,
                 )
 
@@ -725,7 +727,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer", action="store_true", help="benchmark one NF4 linear layer instead of a model")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="Qwen2.5 dimensions (overrides --hidden etc.)")
-    ap.add_argument("--hidden", type=int, help="hidden size (default 512; 1024 with --layer)")
+    ap.add_argument(
+        "--hidden", type=int, help="hidden size (default 512; 1024 with --layer; with --loss, one head of --vocab)"
+    )
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--intermediate", type=int, default=0, help="MLP size; 0 = about 5.3 x hidden")
@@ -758,7 +762,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.stack_merge:
         return stack_merge(args.stack_merge)
-    if args.loss:  # Qwen2.5-7B's, Llama 2's and SmolLM2's output layers, or the one given
+    if args.loss:  # Qwen2.5-7B's, Llama 2's and SmolLM2's output layers, or the one --hidden and --vocab give
+        if args.repeats < 1:
+            ap.error("--repeats: must be >= 1")
         return bench_loss(args)
     if args.write_lengths:
         return write_lengths(args.write_lengths, args.cache_dir)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import seconds
 
@@ -110,12 +111,28 @@ def test_bench_profile_lists_the_ops_of_a_step(tmp_path):
 
 
 def test_bench_loss_rows_and_ratios(tmp_path):
-    rows = bench(tmp_path, "--loss", "--tokens", "100", "--repeats", "2")
+    rows = bench(tmp_path, "--loss", "--tokens", "100", "--repeats", "2", "--device", "cpu")
     assert [(r["dtype"], r["impl"]) for r in rows] == [
         (d, i)
         for d in ("float32", "bfloat16")
         for i in ("full logits", "chunks, loss.py's rule", "chunks of 2^22 logits")
     ]
-    assert all(r["model"] == "hidden 64, vocab 300" and r["seconds"] > 0 for r in rows)
+    assert all(r["model"] == "hidden 64, vocab 300" and r["device"] == "cpu" and r["seconds"] > 0 for r in rows)
     assert [r["rows"] for r in rows[:3]] == [None, 2**22 // 300, 2**22 // 300]  # 13,981 rows: one chunk here
-    assert all(r["time_vs_full"] == 1.0 and r["peak_vs_full"] == 1.0 for r in rows if r["rows"] is None)
+    full = [r for r in rows if r["rows"] is None]
+    for r in rows:
+        f = next(x for x in full if x["dtype"] == r["dtype"])
+        assert r["time_vs_full"] == pytest.approx(r["seconds"] / f["seconds"], rel=0.05, abs=0.01)
+
+
+def test_bench_loss_shapes_get_the_rule_and_the_old_chunk():
+    import bench
+    import loss
+
+    cpu = torch.device("cpu")
+    rules = {name: bench.loss_rows("chunks, loss.py's rule", *shape, cpu) for name, shape in bench.LOSS_SHAPES.items()}
+    olds = {name: bench.loss_rows("chunks of 2^22 logits", *shape, cpu) for name, shape in bench.LOSS_SHAPES.items()}
+    assert rules == {"Qwen2.5-7B": 441, "Llama-2-7B": 1024, "SmolLM2-135M": 144}
+    assert olds == {"Qwen2.5-7B": 27, "Llama-2-7B": 131, "SmolLM2-135M": 85}
+    assert all(rules[n] == loss.default_chunk_rows(cpu, v, h) for n, (h, v) in bench.LOSS_SHAPES.items())
+    assert bench.loss_rows("full logits", 64, 300, cpu) is None

@@ -88,13 +88,16 @@ def test_chunked_loss_equals_the_full_logits_form(dtype, scale, softcap, chunk_r
 
 
 @pytest.mark.parametrize("h, rows", [(48, 64), (400, 100)])  # 2^22 / vocab rows; hidden / 4 rows
-def test_the_default_chunk_rule_on_a_cpu_keeps_loss_and_gradients(h, rows):
+def test_the_default_chunk_rule_on_a_cpu_keeps_loss_and_gradients(h, rows, monkeypatch):
     """default_chunk_rows on a CPU: hidden / 4 rows within 2^22 to 2^26 logits; with a 65,536-word
     vocabulary and 250 rows (200 labelled) the lower bound and hidden / 4 both cut the rows into several
     chunks, and the sum and gradients equal float64 F.cross_entropy on the full logits."""
     hidden, weight, bias, labels = problem(torch.float32, n=250, h=h, v=2**16, ignored=range(0, 250, 5))
     assert L.default_chunk_rows(torch.device("cpu"), 2**16, h) == rows < 200
+    used, apply = [], L.LinearCrossEntropy.apply
+    monkeypatch.setattr(L.LinearCrossEntropy, "apply", lambda *a: used.append(a[3]) or apply(*a))
     total, n = L.linear_cross_entropy(hidden, weight, labels, 0.25, 30.0, bias)
+    assert used == [rows]  # linear_cross_entropy took the rule's chunk (vocab and hidden in that order)
     grads = torch.autograd.grad(total, [hidden, weight])
     ref, ref_grads = reference(hidden, weight, bias, labels, 0.25, 30.0)
     assert n == 200 and relative(total, ref) <= 1e-6
