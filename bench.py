@@ -593,7 +593,7 @@ def bench_loss(args: argparse.Namespace) -> None:
                 rows = loss_rows(impl, *shape, device)
                 peak_ratio = peak / full_peak if full_peak > 0 else float("nan")  # a tiny shape may add no RSS
                 row = {"model": name, "impl": impl, "rows": rows, "dtype": dtype_name, "device": device.type,
-                       "seconds": round(seconds, 2), "peak_mib": round(peak, 1),
+                       "seconds": round(seconds, 4), "peak_mib": round(peak, 1),
                        "time_vs_full": round(seconds / full_s, 3), "peak_vs_full": round(peak_ratio, 3)}  # fmt: skip
                 print(
                     json.dumps(row)
