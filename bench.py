@@ -4,6 +4,7 @@ machine noise hits them alike.
     python bench.py --hidden 512 --layers 4 --vocab 32000 --compare-peft [--dora] [--json]
     python bench.py --preset 7b --seq 1024 --batch 1 --compare-peft     # on a GPU
     python bench.py --compare-peft --profile --dtype float32           # where a step's time goes
+    python bench.py --model smollm2 --compare-peft --dtype float32     # a real model (tiny, smollm2, a path)
     python bench.py --layer --compare-peft                             # one NF4 linear layer
     python bench.py --packing --seq 1024 --batch 8                     # padded vs grouped vs packed
     python bench.py --loss --repeats 2                                 # loss.py's chunks vs full logits
@@ -17,6 +18,13 @@ transformers' BitsAndBytesConfig loading, prepare_model_for_kbit_training, get_p
 model(..., labels=...).loss. Each implementation lives in its own process (so peak memory is its own)
 and they alternate steps. peak_mib is torch.cuda.max_memory_allocated on a GPU, the peak resident set
 size on a CPU, both from the first training step on (model loading not included).
+
+--model trains a real model's weights instead (still on random tokens): tiny, smollm2, a model directory or
+a GGUF file, which is dequantized once into a model directory under --cache-dir so that both implementations
+load the same weights.
+
+--baseline DIR also runs our path from another checkout (a git worktree of the commit before a change), its
+own bench.py and modules, alternating with this one: a change's before and after in one run.
 
 --packing trains on ragged examples instead: lengths drawn from data/sharegpt_lengths.json (real chat
 conversations, tokenized; --write-lengths makes the file), cut at --seq, random ids, the second half of each
@@ -37,13 +45,16 @@ import argparse
 import ctypes
 import gc
 import hashlib
+import importlib.util
 import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -219,6 +230,38 @@ def build_model(shape: dict[str, int | bool], cache_dir: str) -> str:
     return path
 
 
+def real_model(name: str, cache_dir: str) -> tuple[str, dict[str, int | bool]]:
+    """--model: (the directory both implementations load, its shape). tiny and smollm2 resolve as in
+    config.yaml; a GGUF file is dequantized once into an ordinary model directory under cache_dir (in fp32,
+    its weights as the file gives them), because the PEFT recipe's BitsAndBytesConfig cannot load a GGUF."""
+    from transformers import AutoConfig
+
+    import config
+
+    path = config.resolve_model_path({"model": {"name_or_path": name, "cache_dir": cache_dir}})
+    if path.endswith(".gguf"):
+        gguf, path = path, os.path.abspath(os.path.join(cache_dir, "bench-" + os.path.basename(path)[: -len(".gguf")]))
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            print(f"saving {gguf} as a model directory in {path} (once)", flush=True)
+            model, tok = M.load_model(gguf, "none", torch.float32, "cpu", gradient_checkpointing=False)
+            tmp = path + f".tmp-{os.getpid()}"
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, path)
+    M.check_name_or_path(path)
+    c = AutoConfig.from_pretrained(path)
+    shape = dict(
+        hidden=c.hidden_size,
+        intermediate=c.intermediate_size,
+        layers=c.num_hidden_layers,
+        heads=c.num_attention_heads,
+        kv_heads=c.num_key_value_heads,
+        vocab=c.vocab_size,
+        tied=c.tie_word_embeddings,
+    )
+    return path, shape
+
+
 def random_batch(
     shape: dict[str, int | bool], args: argparse.Namespace, device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -342,6 +385,21 @@ def peft_recipe(
     return step
 
 
+def baseline_bench(root: str) -> ModuleType:
+    """--baseline: bench.py of the checkout in `root`, with the project modules it imports (lora, model,
+    trainer, ...) taken from there too; called in a worker process, so this process's own are dropped."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None)
+        if where and os.path.dirname(os.path.abspath(where)) == here and name not in (__name__, "__main__"):
+            del sys.modules[name]
+    sys.path.insert(0, os.path.abspath(root))
+    spec = importlib.util.spec_from_file_location("baseline_bench", os.path.join(root, "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker(
     impl: str, variant: str, path: str, shape: dict[str, int | bool], args: argparse.Namespace, conn: Connection
 ) -> None:
@@ -359,6 +417,8 @@ def worker(
     dora = variant == "dora"
     if impl == "peft":
         step = peft_recipe(path, args, device, dtype, dora)
+    elif impl == "baseline":
+        step = baseline_bench(args.baseline).ours(path, args, device, dtype, dora)
     else:
         step = ours(path, args, device, dtype, dora, compile=impl == "ours+compile")
     if args.packing:
@@ -585,7 +645,7 @@ def bench_loss(args: argparse.Namespace) -> None:
                     here, there = ctx.Pipe()
                     proc = ctx.Process(target=loss_worker, args=(impl, shape, dtype_name, args, there), daemon=True)
                     proc.start()
-                    runs[impl].append(here.recv())
+                    runs[impl].append(ask(here, None, (impl, dtype_name), "computing the loss"))
                     proc.join()
             full_s, full_peak = (statistics.median(x) for x in zip(*runs["full logits"], strict=True))
             for impl, results in runs.items():
@@ -617,13 +677,29 @@ def model_flops_per_token(shape: dict[str, int | bool], args: argparse.Namespace
     return 4 * base + 6 * adapters + attention + 4 * head
 
 
-def bench_model(args: argparse.Namespace) -> None:
-    """Train the model under each implementation, steps alternating; print throughput, peak memory and ratios."""
-    shape = model_shape(args)
+def ask(conn: Connection, message: str | None, run: tuple[str, str], when: str) -> object:
+    """Send a worker `message` (None: nothing) and return its answer; a worker that died (out of memory, say)
+    ends the benchmark in one line."""
+    try:
+        if message:
+            conn.send(message)
+        return conn.recv()
+    except (EOFError, BrokenPipeError):
+        raise SystemExit(f"bench.py: the {run[0]} {run[1]} worker died {when} (out of memory?)") from None
+
+
+def bench_model(args: argparse.Namespace, model: tuple[str, dict[str, int | bool]] | None = None) -> None:
+    """Train the model under each implementation, steps alternating; print throughput, peak memory and ratios.
+    model: real_model's (path, shape), else a random model of --preset or --hidden etc."""
     device = M.resolve_device(args.device)
-    path = build_model(shape, args.cache_dir)
+    if model:
+        path, shape = model
+    else:
+        shape = model_shape(args)
+        path = build_model(shape, args.cache_dir)
     variants = ["lora", "dora"] if args.dora_vs_lora else ["dora" if args.dora else "lora"]
     impls = ["ours"] + (["ours+compile"] if args.compile else []) + (["peft"] if args.compare_peft else [])
+    impls += ["baseline"] if args.baseline else []
     if args.packing:
         variants, impls = list(LAYOUTS), ["ours"]
         args.steps = -(-args.examples // args.batch)  # one epoch; the warm-up step is its first batch again
@@ -635,16 +711,12 @@ def bench_model(args: argparse.Namespace) -> None:
         procs[run] = ctx.Process(target=worker, args=(*run, path, shape, args, there), daemon=True)
         procs[run].start()
         conns[run] = here
-        try:
-            _, dtype, dev = conns[run].recv()
-        except EOFError:
-            raise SystemExit(f"bench.py: the {run[0]} {run[1]} worker died while loading the model") from None
+        _, dtype, dev = ask(conns[run], None, run, "while loading the model")
         info[run] = (dtype, dev)
     times, tokens = {run: [] for run in runs}, {run: 0 for run in runs}
     for it in range(args.steps + 1):
         for run in runs if it % 2 == 0 else runs[::-1]:  # alternate who goes first
-            conns[run].send("step")
-            t, n = conns[run].recv()
+            t, n = ask(conns[run], "step", run, "in a training step")
             if it > 0:  # step 0 is the warm-up
                 times[run].append(t)
                 tokens[run] += n
@@ -655,13 +727,11 @@ def bench_model(args: argparse.Namespace) -> None:
     if args.profile:
         profiles = {}
         for run in runs:
-            conns[run].send("profile")
-            profiles[run] = conns[run].recv()
+            profiles[run] = ask(conns[run], "profile", run, "under the profiler")
         print_profile(profiles)
     rows = {}
     for run in runs:
-        conns[run].send("stop")
-        peak = conns[run].recv()
+        peak = ask(conns[run], "stop", run, "at the end")
         procs[run].join()
         step_s = statistics.median(times[run])
         tok_s = tokens[run] / sum(times[run]) if args.packing else args.batch * args.seq / step_s
@@ -678,7 +748,7 @@ def bench_model(args: argparse.Namespace) -> None:
             rows[run]["mfu"] = round(tok_s * flops / (peak_tflops * 1e12), 4)
         if args.packing:
             rows[run]["fill"] = layout_fill(shape, args, run[1])
-    name = args.preset or f"hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']}"
+    name = args.model or args.preset or f"hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']}"
     if not args.json and args.packing:
         print(
             f"{name}; {args.examples} examples (lengths: {os.path.basename(args.lengths)}, cut at {args.seq}) in "
@@ -706,6 +776,11 @@ def bench_model(args: argparse.Namespace) -> None:
             ratios[f"{v}_speedup_vs_peft"] = round(o["tokens_per_s"] / p["tokens_per_s"], 3)
             ratios[f"{v}_peak_vs_peft"] = round(o["peak_mib"] / p["peak_mib"], 3)
     for v in variants:
+        if ("baseline", v) in rows:
+            ratios[f"{v}_speedup_vs_baseline"] = round(
+                rows["ours", v]["tokens_per_s"] / rows["baseline", v]["tokens_per_s"], 3
+            )
+    for v in variants:
         if ("ours+compile", v) in rows:
             ratios[f"{v}_compile_speedup"] = round(
                 rows["ours+compile", v]["tokens_per_s"] / rows["ours", v]["tokens_per_s"], 3
@@ -728,6 +803,9 @@ def main() -> None:
     ap.add_argument("--layer", action="store_true", help="benchmark one NF4 linear layer instead of a model")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="Qwen2.5 dimensions (overrides --hidden etc.)")
     ap.add_argument(
+        "--model", help="a real model instead of a random one: tiny, smollm2, a model directory or a .gguf file"
+    )
+    ap.add_argument(
         "--hidden", type=int, help="hidden size (default 512; 1024 with --layer; with --loss, one head of --vocab)"
     )
     ap.add_argument("--layers", type=int, default=4)
@@ -747,6 +825,9 @@ def main() -> None:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--compile", action="store_true", help="also run ours with torch.compile'd decoder layers")
     ap.add_argument("--compare-peft", action="store_true", help="also run PEFT, alternating with ours")
+    ap.add_argument(
+        "--baseline", metavar="DIR", help="also run ours from the checkout in DIR (the commit before a change)"
+    )
     ap.add_argument("--profile", action="store_true", help="then --steps more steps each under torch.profiler")
     ap.add_argument("--json", action="store_true", help="one JSON line per implementation, then the ratios")
     ap.add_argument("--peak-tflops", type=float, default=0, help="the device's bf16 peak, for MFU")
@@ -769,11 +850,16 @@ def main() -> None:
     if args.write_lengths:
         return write_lengths(args.write_lengths, args.cache_dir)
     args.hidden = args.hidden or (1024 if args.layer else 512)
+    if args.baseline and not os.path.isfile(os.path.join(args.baseline, "bench.py")):
+        ap.error(f"--baseline: {args.baseline!r} is not a checkout of this project (no bench.py)")
     try:
         M.resolve_dtype(args.dtype, M.resolve_device(args.device))
-    except M.ModelError as e:
-        ap.error(str(e))
-    (bench_layer if args.layer else bench_model)(args)
+        model = real_model(args.model, args.cache_dir) if args.model and not args.layer else None
+    except (M.ModelError, fetch.FetchError) as e:
+        ap.error(str(e).replace("model.name_or_path", "--model", 1))
+    if args.layer:
+        return bench_layer(args)
+    bench_model(args, model)
 
 
 if __name__ == "__main__":

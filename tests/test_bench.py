@@ -74,6 +74,54 @@ def test_bench_against_peft_both_variants(tmp_path):
     assert os.listdir(tmp_path) and all(n.startswith("bench-") for n in os.listdir(tmp_path))  # cached, no temp dir
 
 
+def test_bench_a_real_model_by_name(tmp_path):
+    """--model tiny: the embedded default's own weights and shape (vocabulary 2,048), not a random model."""
+    out = bench(tmp_path, "--model", "tiny", text=True)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["impl"] == "ours" and rows[0]["tokens_per_s"] > 0
+    assert [n for n in os.listdir(tmp_path) if n.startswith("tiny-")] and not any(
+        n.startswith("bench-") for n in os.listdir(tmp_path)
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--model", "--model: {!r} does not exist (expected a local model directory, a .gguf file or a Hugging Face "
+         "hub id such as Qwen/Qwen2.5-7B-Instruct)"),
+        ("--baseline", "--baseline: {!r} is not a checkout of this project (no bench.py)"),
+    ],
+)  # fmt: skip
+def test_bench_a_model_or_baseline_that_is_not_there_is_one_line(flag, message, tmp_path):
+    missing = str(tmp_path / "nope")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench.py"), flag, missing, "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=seconds(120),
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == "bench.py: error: " + message.format(missing)
+
+
+def test_bench_baseline_runs_the_other_checkouts_code(tmp_path):
+    """--baseline DIR: our path from another checkout, alternating with this one, and its ratio. The copy's
+    lora.py says where it was imported from, so a worker that ran this checkout's code would not print it."""
+    other = tmp_path / "before"
+    other.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith(".py"):
+            (other / name).write_text(open(os.path.join(ROOT, name)).read())
+    with open(other / "lora.py", "a") as f:
+        f.write("\nprint('lora.py imported from', __file__, flush=True)\n")
+    out = bench(tmp_path, "--baseline", str(other), text=True)
+    assert out.count("lora.py imported from") == 1 and str(other / "lora.py") in out
+    *rows, ratios = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["impl"] for r in rows] == ["ours", "baseline"] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert set(ratios) == {"lora_speedup_vs_baseline"} and ratios["lora_speedup_vs_baseline"] > 0
+
+
 def test_bench_packing_layouts(tmp_path):
     *rows, ratios = bench(tmp_path, "--packing", "--examples", "6")
     assert [r["variant"] for r in rows] == ["padded", "grouped", "packed"]
