@@ -25,6 +25,7 @@ vLLM and friends, and PEFT's LoRA/DoRA adapters open here. This file needs torch
 bitsandbytes is imported only to dequantize a 4-bit weight.
 """
 
+import functools
 import json
 import math
 import os
@@ -141,9 +142,10 @@ class LoRALinear(nn.Module):
     dropout (dropout touches only the adapter branch, unlike PEFT, which runs W on dropout(x) again).
     n is treated as a constant, as DoRA section 4.3 suggests: no gradient flows through it.
 
-    Cost: forward computes G * out + sum of branches in one fused op where LoRA adds, with g folded into
-    B, so DoRA's extra work is elementwise in backward (the gradients of out and m) and its norm, once
-    per optimizer step (see dora_norm).
+    Cost: each adapter's second product adds itself into the output in place (addmm, beta = 1), so LoRA
+    makes no pass over the (N, out) output beyond its products. DoRA adds the rescaling G * out (g is
+    folded into B), its elementwise gradients in backward (of out and m) and its norm, once per optimizer
+    step (see dora_norm).
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -223,13 +225,16 @@ class LoRALinear(nn.Module):
         """base(x) plus the active adapters' terms (see the class docstring), in base(x)'s dtype.
 
         The fused, optimized form of lora_reference and dora_reference: one base matmul for all adapters,
-        s and g folded into B, the DoRA rescaling in one addcmul, and the norm factored and cached
-        (dora_norm) instead of forming W + s B A. tests/test_lora.py's test_forward_equals_the_plain_form*
-        tests check it against those functions (plain and 4-bit bases, LoRA, rsLoRA, DoRA, two adapters).
+        s and g folded into B, each adapter's product added into the output in place, and the norm
+        factored and cached (dora_norm) instead of forming W + s B A. tests/test_lora.py's
+        test_forward_equals_the_plain_form* tests check it against those functions (plain and 4-bit bases,
+        LoRA, rsLoRA, DoRA, two adapters).
         """
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so that the products below can add into out in place
         out = self.base(x)  # W x + b, the one base matmul
         if not self.active:
-            return out
+            return out.view(*lead, -1)
         # Rewrite the sum of terms as  y = G * (W x) + b + sum_k B'_k A_k xd_k  with G = 1 + sum_k (g_k - 1)
         # over DoRA adapters and B' = s B (LoRA) or g s B (DoRA). Folding s and g into B is an (out, r)
         # op, where scaling the output would be an (..., out) one. G * (W x) + b = G * out + (1 - G) * b.
@@ -243,20 +248,25 @@ class LoRALinear(nn.Module):
             else:
                 B = B * cfg["scale"]
             B_eff.append(B)
-        bias = self.base.bias
-        fix_bias = None if G is None or bias is None else (1 - G) * bias  # keeps the bias unscaled
-        branches = None
-        for i, name in enumerate(self.active):
+        xa = []  # (N, r) each: A_k xd_k
+        for name in self.active:
             cfg, A = self.config[name], self.lora_A[name]
             xd = F.dropout(x, cfg["dropout"], True) if self.training and cfg["dropout"] > 0 else x
             if not torch.is_autocast_enabled(x.device.type):
                 xd = xd.to(A.dtype)  # under autocast the matmul picks the dtype; a cast here would copy x
-            b = fix_bias.to(B_eff[i].dtype) if i == 0 and fix_bias is not None else None
-            branch = F.linear(F.linear(xd, A), B_eff[i], b)  # (..., r) then (..., out); b rides along free
-            branches = branch if branches is None else branches + branch
-        if G is None:
-            return (out + branches).to(out.dtype)
-        return torch.addcmul(branches, G.to(branches.dtype), out).to(out.dtype)  # one fused op, like LoRA's add
+            xa.append(F.linear(xd, A))
+        # the products' dtype: the compute dtype under autocast; fp32 for fp32 adapters on a bf16 base without it
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in xa], out.dtype)
+        bias = self.base.bias
+        if G is None:  # LoRA: y is the base output itself (or its fp32 copy)
+            y = out.to(dtype)
+        elif bias is None:  # DoRA: G * (W x + b) + (1 - G) * b, so that the bias is not rescaled
+            y = out * G.to(dtype)
+        else:
+            y = torch.addcmul(((1 - G) * bias).to(dtype), G.to(dtype), out)
+        for t, B in zip(xa, B_eff, strict=True):  # y += B'_k (A_k xd_k): each product adds itself into y in
+            y.addmm_(t.to(dtype), B.to(dtype).t())  # place (beta = 1), one pass over (N, out) where + takes three
+        return y.to(out.dtype).view(*lead, -1)
 
     def extra_repr(self) -> str:
         """The layer's sizes, adapter configs and active adapters, for print(model)."""

@@ -194,6 +194,39 @@ def test_forward_equals_the_plain_form_with_two_adapters(bias):
     assert_same_forward_and_grads(m(x), ref, params)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3, 5)])
+def test_forward_takes_any_leading_shape(use_dora, lead):
+    """The layer works on 2-D rows inside (so that the products add into the output in place); a vector or a
+    4-D input comes back in its own shape, equal to the plain form."""
+    m = layer()
+    m.add_adapter("default", r=4, alpha=8, use_dora=use_dora)
+    randomize(m.named_parameters())
+    m.eval()
+    x = torch.randn(*lead, 24)
+    y = m(x)
+    assert y.shape == (*lead, 16)
+    assert_same_forward_and_grads(y, plain_form(m, x), [p for n, p in m.named_parameters() if "lora_" in n])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_on_a_bf16_base_with_fp32_adapters(use_dora, autocast):
+    """A bf16 base under fp32 adapters, with autocast (the products in bf16) and without (in fp32, the
+    output rounded to bf16 once): base(x)'s dtype out, the plain fp32 form within bf16 rounding."""
+    m = layer()
+    m.add_adapter("default", r=4, alpha=8, use_dora=use_dora)
+    randomize(m.named_parameters())
+    m.eval()
+    x = torch.randn(2, 7, 24)
+    ref = plain_form(m, x)
+    m.base.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = m(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert_close(y, ref, 2e-2)
+
+
 def test_dropout_touches_only_the_adapter_branch_and_base_runs_once():
     m = layer()
     m.add_adapter("default", r=4, alpha=8, dropout=0.5, use_dora=True)
