@@ -142,10 +142,11 @@ class LoRALinear(nn.Module):
     dropout (dropout touches only the adapter branch, unlike PEFT, which runs W on dropout(x) again).
     n is treated as a constant, as DoRA section 4.3 suggests: no gradient flows through it.
 
-    Cost: each adapter's second product adds itself into the output in place (addmm, beta = 1), so LoRA
-    makes no pass over the (N, out) output beyond its products. DoRA adds the rescaling G * out (g is
-    folded into B), its elementwise gradients in backward (of out and m) and its norm, once per optimizer
-    step (see dora_norm).
+    Cost: in fp32 each adapter's second product adds itself into the output in place (addmm, beta = 1), so
+    LoRA makes no pass over the (N, out) output beyond its products; in bf16 the product is rounded and
+    then added, as PEFT does, so that the two give the same numbers. DoRA adds the rescaling G * out (g
+    is folded into B), its elementwise gradients in backward (of out and m) and its norm, once per
+    optimizer step (see dora_norm).
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -225,7 +226,7 @@ class LoRALinear(nn.Module):
         """base(x) plus the active adapters' terms (see the class docstring), in base(x)'s dtype.
 
         The fused, optimized form of lora_reference and dora_reference: one base matmul for all adapters,
-        s and g folded into B, each adapter's product added into the output in place, and the norm
+        s and g folded into B, in fp32 each adapter's product added into the output in place, and the norm
         factored and cached (dora_norm) instead of forming W + s B A. tests/test_lora.py's
         test_forward_equals_the_plain_form* tests check it against those functions (plain and 4-bit bases,
         LoRA, rsLoRA, DoRA, two adapters).
@@ -258,15 +259,23 @@ class LoRALinear(nn.Module):
         # the products' dtype: the compute dtype under autocast; fp32 for fp32 adapters on a bf16 base without it
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in xa], out.dtype)
         bias = self.base.bias
-        if G is None:  # LoRA: y is the base output itself (or its fp32 copy)
-            y = out.to(dtype)
-        elif bias is None:  # DoRA: G * (W x + b) + (1 - G) * b, so that the bias is not rescaled
-            y = out * G.to(dtype)
-        else:
-            y = torch.addcmul(((1 - G) * bias).to(dtype), G.to(dtype), out)
-        for t, B in zip(xa, B_eff, strict=True):  # y += B'_k (A_k xd_k): each product adds itself into y in
-            y.addmm_(t.to(dtype), B.to(dtype).t())  # place (beta = 1), one pass over (N, out) where + takes three
-        return y.to(out.dtype).view(*lead, -1)
+        fix_bias = None if G is None or bias is None else (1 - G) * bias  # keeps the bias unscaled
+        if dtype == torch.float32:
+            # each product adds itself into y in place (addmm, beta = 1): one pass over the (N, out) output,
+            # where a product and then a sum take three. fp32 only: in bf16 it would round once where PEFT
+            # rounds twice, and greedy answers would drift apart from PEFT's
+            y = out.float() if G is None else out * G if fix_bias is None else torch.addcmul(fix_bias, G, out)
+            for t, B in zip(xa, B_eff, strict=True):
+                y.addmm_(t.float(), B.t())
+            return y.to(out.dtype).view(*lead, -1)
+        branches = None
+        for i, t in enumerate(xa):
+            b = fix_bias.to(B_eff[i].dtype) if i == 0 and fix_bias is not None else None
+            branch = F.linear(t, B_eff[i], b)  # (N, out); b rides along free
+            branches = branch if branches is None else branches + branch
+        if G is None:
+            return (out + branches).to(out.dtype).view(*lead, -1)
+        return torch.addcmul(branches, G.to(branches.dtype), out).to(out.dtype).view(*lead, -1)  # one fused op
 
     def extra_repr(self) -> str:
         """The layer's sizes, adapter configs and active adapters, for print(model)."""
