@@ -235,7 +235,7 @@ class LoRALinear(nn.Module):
         x = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so that the products below can add into out in place
         out = self.base(x)  # W x + b, the one base matmul
         if not self.active:
-            return out.view(*lead, -1)
+            return out.view(*lead, self.out_features)
         # Rewrite the sum of terms as  y = G * (W x) + b + sum_k B'_k A_k xd_k  with G = 1 + sum_k (g_k - 1)
         # over DoRA adapters and B' = s B (LoRA) or g s B (DoRA). Folding s and g into B is an (out, r)
         # op, where scaling the output would be an (..., out) one. G * (W x) + b = G * out + (1 - G) * b.
@@ -267,15 +267,16 @@ class LoRALinear(nn.Module):
             y = out.float() if G is None else out * G if fix_bias is None else torch.addcmul(fix_bias, G, out)
             for t, B in zip(xa, B_eff, strict=True):
                 y.addmm_(t.float(), B.t())
-            return y.to(out.dtype).view(*lead, -1)
+            return y.to(out.dtype).view(*lead, self.out_features)
         branches = None
         for i, t in enumerate(xa):
             b = fix_bias.to(B_eff[i].dtype) if i == 0 and fix_bias is not None else None
             branch = F.linear(t, B_eff[i], b)  # (N, out); b rides along free
             branches = branch if branches is None else branches + branch
         if G is None:
-            return (out + branches).to(out.dtype).view(*lead, -1)
-        return torch.addcmul(branches, G.to(branches.dtype), out).to(out.dtype).view(*lead, -1)  # one fused op
+            return (out + branches).to(out.dtype).view(*lead, self.out_features)
+        y = torch.addcmul(branches, G.to(branches.dtype), out)  # G * out + branches, one fused op
+        return y.to(out.dtype).view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         """The layer's sizes, adapter configs and active adapters, for print(model)."""

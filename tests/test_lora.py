@@ -210,6 +210,16 @@ def test_forward_takes_any_leading_shape(use_dora, lead):
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(use_dora):
+    m = layer()
+    m.add_adapter("default", r=4, alpha=8, use_dora=use_dora)
+    y = m(torch.randn(0, 3, 24))
+    assert y.shape == (0, 3, 16)
+    y.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for n, p in m.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_forward_on_a_bf16_base_with_fp32_adapters(use_dora, autocast):
     """A bf16 base under fp32 adapters, with autocast (the products in bf16) and without (in fp32, the
