@@ -223,11 +223,16 @@ def build_model(shape: dict[str, int | bool], cache_dir: str) -> str:
             model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
+    save_once(model, tok, path)
+    return path
+
+
+def save_once(model: nn.Module, tokenizer: object, path: str) -> None:
+    """Save a model directory under a temporary name, then rename it: a stopped run leaves nothing half-written."""
     tmp = path + f".tmp-{os.getpid()}"
     model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)
-    return path
 
 
 def real_model(name: str, cache_dir: str) -> tuple[str, dict[str, int | bool]]:
@@ -243,11 +248,7 @@ def real_model(name: str, cache_dir: str) -> tuple[str, dict[str, int | bool]]:
         gguf, path = path, os.path.abspath(os.path.join(cache_dir, "bench-" + os.path.basename(path)[: -len(".gguf")]))
         if not os.path.isfile(os.path.join(path, "config.json")):
             print(f"saving {gguf} as a model directory in {path} (once)", flush=True)
-            model, tok = M.load_model(gguf, "none", torch.float32, "cpu", gradient_checkpointing=False)
-            tmp = path + f".tmp-{os.getpid()}"
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.replace(tmp, path)
+            save_once(*M.load_model(gguf, "none", torch.float32, "cpu", gradient_checkpointing=False), path)
     M.check_name_or_path(path)
     c = AutoConfig.from_pretrained(path)
     shape = dict(
